@@ -1,0 +1,83 @@
+"""Values the residency store holds and publishes. Frozen; copies reuse placement's
+``CopyView`` so the view hands placement exactly what the store holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from placement.cluster import CopyState, CopyView
+
+__all__ = [
+    "CopyKey",
+    "CopyRemoved",
+    "CopyState",
+    "CopyUpserted",
+    "CopyView",
+    "DevicePut",
+    "DeviceRecord",
+    "StoreEvent",
+    "WorkerDown",
+    "WorkerRecord",
+    "WorkerUp",
+]
+
+CopyKey = tuple[str, int, str]  # (model, version, worker_id)
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A live worker. ``address`` is host:port for gRPC; ``device_id`` names the device
+    it shares with other workers (``node/cpu``, ``node/cuda:0``)."""
+
+    worker_id: str
+    address: str
+    device_id: str
+    node: str
+    pid: int = 0
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """A device's memory as last measured (bytes). ``source``: nvml, torch or budget."""
+
+    device_id: str
+    total_bytes: int
+    used_bytes: int = 0
+    free_bytes: int = 0
+    ours_bytes: int = 0
+    source: str = "budget"
+
+    @property
+    def used_other_bytes(self) -> int:
+        """Memory held by anything but our models (a foreign job, CUDA contexts)."""
+        if self.source == "budget":
+            return 0
+        return max(0, self.used_bytes - self.ours_bytes)
+
+
+@dataclass(frozen=True)
+class WorkerUp:
+    worker: WorkerRecord
+
+
+@dataclass(frozen=True)
+class WorkerDown:
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class CopyUpserted:
+    copy: CopyView
+
+
+@dataclass(frozen=True)
+class CopyRemoved:
+    key: CopyKey
+
+
+@dataclass(frozen=True)
+class DevicePut:
+    device: DeviceRecord
+
+
+StoreEvent = WorkerUp | WorkerDown | CopyUpserted | CopyRemoved | DevicePut

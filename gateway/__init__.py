@@ -1,0 +1,2 @@
+"""The gateway: KServe v2 / Triton protocols over REST and gRPC, routing, executing
+placement plans against workers, supervising local workers, and the CLI."""

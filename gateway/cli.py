@@ -1,0 +1,190 @@
+"""The ``modelpool`` command: serve, worker, examples."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+
+from placement.units import parse_size
+
+log = logging.getLogger("modelpool")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _add_gateway_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-repository", required=True, help="Triton-layout model repository")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument(
+        "--max-request-size", type=_size, default=64 << 20, help="largest request body (default 64MiB)"
+    )
+    p.add_argument("--infer-timeout", type=float, default=60.0, help="seconds per forwarded request")
+    p.add_argument("--load-timeout", type=float, default=300.0, help="seconds per model load")
+    p.add_argument("--min-residency", type=float, default=0.0, help="seconds before a new copy may be evicted")
+    p.add_argument("--log-level", default="INFO")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelpool", description="Many-model inference gateway (KServe v2 / Triton protocol)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="gateway and local workers on one machine")
+    _add_gateway_args(serve)
+    serve.add_argument("--workers", type=int, default=1, help="worker processes per device (default 1)")
+    serve.add_argument(
+        "--device-memory-budget",
+        type=_size,
+        default=None,
+        help="memory models may use on each device, shared by its workers: 4GiB, 512MB or bytes "
+        "(default: 2GiB on CPU, the device's memory on a GPU)",
+    )
+    serve.add_argument("--devices", default="auto", help="auto (CUDA if present), cpu, or cuda:0,cuda:1")
+    serve.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+
+    worker = sub.add_parser("worker", help="one worker process hosting many models on a device")
+    worker.add_argument("--model-repository", required=True)
+    worker.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    worker.add_argument("--host", default="127.0.0.1")
+    worker.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    worker.add_argument("--device-memory-budget", type=_size, default=None)
+    worker.add_argument("--worker-id", default=None)
+    worker.add_argument("--advertise", default=None, help="HOST:PORT gateways should dial")
+    worker.add_argument("--threads", type=int, default=None)
+    worker.add_argument("--max-message-size", type=_size, default=1 << 30)
+    worker.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    worker.add_argument("--log-level", default="INFO")
+
+    examples = sub.add_parser("examples", help="write the example model repository")
+    examples.add_argument("--out", required=True)
+    examples.add_argument("--count", type=int, default=8)
+    examples.add_argument("--seed", type=int, default=0)
+    examples.add_argument("--large", action="store_true", help="include models of a few hundred MB")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "examples":
+        from gpu.examples import main as examples_main
+
+        forwarded = ["--out", args.out, "--count", str(args.count), "--seed", str(args.seed)]
+        return examples_main(forwarded + (["--large"] if args.large else []))
+    _setup_logging(args.log_level)
+    try:
+        if args.command == "worker":
+            return _run_worker(args)
+        if args.command == "serve":
+            return asyncio.run(_serve(args))
+    except (ValueError, RuntimeError) as e:
+        print(f"modelpool {args.command}: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from gpu.worker import WorkerConfig, serve_worker
+
+    budget = args.device_memory_budget
+    if args.device == "cpu" and budget is None:
+        budget = 2 << 30
+    config = WorkerConfig(
+        model_repository=args.model_repository,
+        device=args.device,
+        host=args.host,
+        port=args.port,
+        device_memory_budget=budget,
+        worker_id=args.worker_id,
+        threads=args.threads,
+        max_message_bytes=args.max_message_size,
+        advertise=args.advertise,
+    )
+    asyncio.run(serve_worker(config, exit_with_parent=args.exit_with_parent))
+    return 0
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from cache.store import InMemoryStore
+    from gateway.config import GatewayConfig
+    from gateway.server import Gateway, ready_line
+    from gateway.supervisor import LocalWorkers, SupervisorConfig, detect_devices, local_slots
+
+    config = GatewayConfig(
+        model_repository=args.model_repository,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        max_request_bytes=args.max_request_size,
+        infer_timeout_s=args.infer_timeout,
+        load_timeout_s=args.load_timeout,
+        min_residency_s=args.min_residency,
+    )
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    devices = detect_devices() if args.devices == "auto" else args.devices.split(",")
+    node = socket.gethostname().split(".")[0] or "local"
+    slots = local_slots(node, devices, args.workers)
+    budget = args.device_memory_budget
+    cpu_budget = budget if budget is not None else 2 << 30
+    budgets = {s.device_id: cpu_budget for s in slots if s.device == "cpu"}
+
+    gateway = Gateway(config, InMemoryStore(), budgets=budgets)
+    supervisor = LocalWorkers(
+        SupervisorConfig(
+            model_repository=gateway.repository.root.as_posix(),
+            node=node,
+            device_memory_budget=budget if budget is not None or "cpu" not in devices else cpu_budget,
+            threads=args.threads,
+            log_level=args.log_level,
+            max_message_bytes=max(config.max_request_bytes, 1 << 30),
+        ),
+        slots,
+        gateway.store,
+        gateway.clients,
+        gateway.metrics,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await supervisor.start()
+        ports = await gateway.start()
+        await gateway.poll_once()
+        log.info(
+            "serving %d models from %s on %s with %d worker(s) on %s",
+            len(gateway.repository.names()), gateway.repository.root, config.host, len(slots), ",".join(devices),
+        )
+        print(ready_line(ports), flush=True)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await supervisor.stop()
+        await gateway.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The one service object REST and gRPC both call: parse -> DataPlane -> render.
+
+Implements the KServe v2 / Open Inference Protocol and Triton's repository extension:
+https://github.com/kserve/open-inference-protocol/blob/main/specification/protocol/inference_rest.md
+https://github.com/triton-inference-server/server/blob/main/docs/protocol/extension_model_repository.md
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+
+from cache.records import CopyState
+from cache.view import ResidencyView
+from gateway.metrics import UNKNOWN_MODEL, Metrics
+from gateway.placer import Placer
+from gateway.validate import contents_to_raw, validate_request
+from gpu.repository import ModelRepository, ModelSpec
+from placement.errors import ModelNotFound, ModelpoolError, WorkerUnavailable
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "modelpool"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ("binary_tensor_data", "model_repository", "model_repository(unload_dependents)", "statistics")
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class InferOutcome:
+    response: pb.ModelInferResponse
+    cold: bool
+
+
+class DataPlane:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        view: ResidencyView,
+        placer: Placer,
+        metrics: Metrics,
+        *,
+        infer_timeout_s: float,
+    ) -> None:
+        self.repository = repository
+        self.view = view
+        self.placer = placer
+        self.metrics = metrics
+        self.infer_timeout_s = infer_timeout_s
+        self.ready = True
+
+    # -- server ------------------------------------------------------------------------
+    def live(self) -> bool:
+        return True
+
+    def server_ready(self) -> bool:
+        return self.ready and bool(self.view.workers)
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS))
+
+    # -- models ------------------------------------------------------------------------
+    def spec(self, name: str, version: str | int | None = None) -> tuple[ModelSpec, int]:
+        spec = self.repository.get(name)
+        return spec, spec.resolve_version(version)
+
+    def model_label(self, name: str) -> str:
+        """A bounded label value: repository names only."""
+        return name if name in self.repository.names() else UNKNOWN_MODEL
+
+    def model_metadata(self, name: str, version: str = "") -> pb.ModelMetadataResponse:
+        spec, v = self.spec(name, version)
+        resp = pb.ModelMetadataResponse(
+            name=spec.name,
+            versions=[str(x) for x in spec.versions] if not version else [str(v)],
+            platform=spec.platform,
+        )
+        batch = [-1] if spec.max_batch_size > 0 else []
+        for t in spec.inputs:
+            resp.inputs.add(name=t.name, datatype=t.datatype, shape=batch + list(t.dims))
+        for t in spec.outputs:
+            resp.outputs.add(name=t.name, datatype=t.datatype, shape=batch + list(t.dims))
+        return resp
+
+    def model_config(self, name: str, version: str = "") -> mc.ModelConfig:
+        spec, _ = self.spec(name, version)
+        return spec.config
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        """Ready when it can serve: resident, or loadable on demand (config valid and no
+        failed load of an unchanged artifact)."""
+        try:
+            _, v = self.spec(name, version)
+            self.placer._check_failed(name, v)
+        except ModelpoolError:
+            return False
+        return True
+
+    # -- inference ---------------------------------------------------------------------
+    async def infer(self, request: pb.ModelInferRequest, protocol: str) -> InferOutcome:
+        """Validate, find or load a copy, forward. Counts the request exactly once."""
+        started = time.monotonic()
+        label = self.model_label(request.model_name)
+        self.metrics.inflight.inc()
+        try:
+            outcome = await self._infer(request, label, started)
+        except BaseException as e:
+            from gateway.errors import outcome_of
+
+            self.metrics.requests.labels(label, protocol, outcome_of(e)).inc()
+            raise
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.request_duration.labels(label).observe(time.monotonic() - started)
+        self.metrics.requests.labels(label, protocol, "success").inc()
+        return outcome
+
+    async def _infer(self, request: pb.ModelInferRequest, label: str, started: float) -> InferOutcome:
+        spec, version = self.spec(request.model_name, request.model_version)
+        contents_to_raw(request)
+        validate_request(spec, request)
+        request.model_version = str(version)
+        cold = False
+        # One retry: a copy whose worker died between routing and forwarding is
+        # dropped, and the request goes to (or loads) another.
+        for attempt in (1, 2):
+            got = await self.placer.acquire(spec.name, version)
+            cold = cold or got.cold
+            if got.cold:
+                self.metrics.cold_starts.labels(label).inc()
+            self.metrics.queue_wait.labels(label).observe(time.monotonic() - started)
+            compute_started = time.monotonic()
+            try:
+                response = await got.client.infer(request, timeout_s=self.infer_timeout_s)
+            except WorkerUnavailable:
+                self.placer.forget_worker_copy(got.copy.key)
+                if attempt == 2:
+                    raise
+                log.warning("worker %s lost mid-request for model=%s; retrying", got.copy.worker_id, spec.name)
+                continue
+            finally:
+                self.placer.release(got)
+            self.metrics.compute_duration.labels(label).observe(time.monotonic() - compute_started)
+            return InferOutcome(response, cold)
+        raise AssertionError("unreachable")
+
+    # -- repository extension ------------------------------------------------------------
+    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        self.repository.refresh()
+        entries = []
+        for spec in self.repository.specs():
+            if spec.error is not None:
+                if not ready_only:
+                    entries.append(IndexEntry(spec.name, "", "UNAVAILABLE", spec.error))
+                continue
+            for v in spec.versions:
+                states = {c.state for c in self.view.all_copies() if c.model == spec.name and c.version == v}
+                failure = self.placer.failures.get((spec.name, v))
+                if CopyState.READY in states:
+                    entries.append(IndexEntry(spec.name, str(v), "READY", ""))
+                elif ready_only:
+                    continue
+                elif CopyState.LOADING in states:
+                    entries.append(IndexEntry(spec.name, str(v), "LOADING", ""))
+                elif failure is not None:
+                    entries.append(IndexEntry(spec.name, str(v), "UNAVAILABLE", failure.reason))
+                else:
+                    entries.append(
+                        IndexEntry(spec.name, str(v), "UNAVAILABLE", "unloaded: loads on first request")
+                    )
+        return entries
+
+    async def load_model(self, name: str) -> None:
+        """Triton's explicit load: re-read the config, forget a past failure, load now."""
+        self.repository.refresh(name)
+        spec = self.repository.get(name)
+        if spec.error is not None:
+            from placement.errors import ModelNotReady
+
+            raise ModelNotReady(f"model '{name}' is not available: {spec.error}")
+        for v in spec.versions:
+            self.placer.failures.pop((name, v), None)
+            got = await self.placer.acquire(name, v)
+            self.placer.release(got)
+
+    async def unload_model(self, name: str) -> None:
+        if name not in self.repository.names():
+            self.repository.get(name)  # raises ModelNotFound for unknown names
+        count = await self.placer.unload_model(name, timeout_s=self.infer_timeout_s)
+        if count == 0 and name not in self.repository.names():
+            raise ModelNotFound(f"model '{name}' is not in the model repository")

@@ -1,0 +1,102 @@
+"""KServe v2 gRPC (Triton's GRPCInferenceService) on grpc.aio. Each method converts
+protobuf to a DataPlane call and back; typed errors map to status codes here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from gateway.dataplane import DataPlane
+from gateway.errors import retry_after, status_of
+from placement.errors import ModelpoolError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dp = dataplane
+
+    async def _guard(self, context: grpc.aio.ServicerContext, call: Awaitable[T] | T) -> T:
+        try:
+            if isinstance(call, Awaitable):
+                return await call
+            return call
+        except ModelpoolError as e:
+            _, code = status_of(e)
+            after = retry_after(e)
+            trailing = (("retry-after", str(max(1, round(after)))),) if after is not None else ()
+            await context.abort(code, e.message, trailing_metadata=trailing)
+            raise
+        except Exception:
+            log.exception("bug: unhandled error in gRPC call")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error (a bug): see the gateway log")
+            raise
+
+    async def ServerLive(self, request, context):  # noqa: N802 - gRPC method names
+        return pb.ServerLiveResponse(live=self.dp.live())
+
+    async def ServerReady(self, request, context):  # noqa: N802
+        return pb.ServerReadyResponse(ready=self.dp.server_ready())
+
+    async def ServerMetadata(self, request, context):  # noqa: N802
+        return self.dp.server_metadata()
+
+    async def ModelReady(self, request, context):  # noqa: N802
+        def check() -> pb.ModelReadyResponse:
+            self.dp.spec(request.name, request.version)
+            return pb.ModelReadyResponse(ready=self.dp.model_ready(request.name, request.version))
+
+        return await self._guard(context, _call(check))
+
+    async def ModelMetadata(self, request, context):  # noqa: N802
+        return await self._guard(context, _call(self.dp.model_metadata, request.name, request.version))
+
+    async def ModelConfig(self, request, context):  # noqa: N802
+        def config() -> pb.ModelConfigResponse:
+            return pb.ModelConfigResponse(config=self.dp.model_config(request.name, request.version))
+
+        return await self._guard(context, _call(config))
+
+    async def ModelInfer(self, request, context):  # noqa: N802
+        outcome = await self._guard(context, self.dp.infer(request, protocol="grpc"))
+        return outcome.response
+
+    async def RepositoryIndex(self, request, context):  # noqa: N802
+        resp = pb.RepositoryIndexResponse()
+        for e in self.dp.repository_index(request.ready):
+            resp.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
+        return resp
+
+    async def RepositoryModelLoad(self, request, context):  # noqa: N802
+        await self._guard(context, self.dp.load_model(request.model_name))
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):  # noqa: N802
+        await self._guard(context, self.dp.unload_model(request.model_name))
+        return pb.RepositoryModelUnloadResponse()
+
+
+async def _call(fn, *args):  # noqa: ANN001, ANN202 - adapts a sync DataPlane call
+    return fn(*args)
+
+
+def create_grpc_server(dataplane: DataPlane, address: str, max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max(max_message_bytes, 1 << 30)),
+        ]
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen for gRPC on {address}")
+    return server, port

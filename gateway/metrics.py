@@ -1,0 +1,96 @@
+"""Prometheus metrics of one gateway, on a registry passed in (tests use a fresh one).
+
+Label values for ``model`` come from the repository only: a request for an unknown
+model counts under ``_unknown`` so clients cannot grow the series without bound.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+UNKNOWN_MODEL = "_unknown"
+
+# Latency buckets from 1 ms (a warm small model) to a minute (a cold multi-GB load).
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+_LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "modelpool_requests",
+            "Inference requests by model, protocol (http, grpc) and outcome "
+            "(success, client_error, unavailable, error).",
+            ["model", "protocol", "outcome"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "modelpool_request_duration_seconds",
+            "Time from a request's arrival to its reply, waiting for a load included.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "modelpool_queue_wait_seconds",
+            "Time before compute starts: waiting for a copy, a load or capacity.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.compute_duration = Histogram(
+            "modelpool_compute_duration_seconds",
+            "Time a worker took to answer a forwarded request (transfer and compute).",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.loads = Counter(
+            "modelpool_model_loads",
+            "Model loads this gateway started, by outcome (success, failure).",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.load_duration = Histogram(
+            "modelpool_model_load_duration_seconds",
+            "Time to load a model onto a worker, as the gateway saw it.",
+            ["model"],
+            buckets=_LOAD_BUCKETS,
+            registry=registry,
+        )
+        self.evictions = Counter(
+            "modelpool_model_evictions",
+            "Copies this gateway unloaded, by reason (capacity, pressure, unload, worker_lost).",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.cold_starts = Counter(
+            "modelpool_cold_starts",
+            "Requests that had to wait for a load of their model.",
+            ["model"],
+            registry=registry,
+        )
+        self.resident_models = Gauge(
+            "modelpool_resident_models",
+            "Model copies READY on workers, as this gateway sees them.",
+            registry=registry,
+        )
+        self.device_memory = Gauge(
+            "modelpool_device_memory_bytes",
+            "Device memory by kind (total, used, free, reserved, ours).",
+            ["device", "kind"],
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "modelpool_inflight_requests",
+            "Requests this gateway is serving now.",
+            registry=registry,
+        )
+        self.workers = Gauge(
+            "modelpool_workers",
+            "Workers registered and alive, as this gateway sees them.",
+            registry=registry,
+        )

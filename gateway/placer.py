@@ -1,0 +1,344 @@
+"""Executes placement plans: finds a copy for a request, loading one if need be.
+
+Policy lives in placement/; this module turns a plan into worker calls and store
+writes, and keeps the invariants policy relies on:
+
+- one load per model version, however many requests ask at once: a per-model
+  single flight here, and the store's load lock across gateways (check, lock,
+  re-check, as Ray Serve's multiplexer does);
+- a copy with requests in flight is never unloaded: acquiring a copy increments its
+  in-flight count in the same event-loop step that chose it, and an eviction marks the
+  copy UNLOADING in the same step that checked it idle, so no request can slip in
+  between.
+
+Timeline of a cold request while another is already loading the same model::
+
+    t0 A: no READY copy -> becomes the single-flight leader, takes the store lock
+    t1 B: no READY copy -> awaits A's flight
+    t2 A: plan = Load(worker w, evict [x]) -> unload x, reserve, load, put READY
+    t3 A, B: pick the READY copy, in-flight += 1 each, forward
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+from cache.records import CopyKey, CopyState, CopyView
+from cache.store import ResidencyStore
+from cache.view import ResidencyView
+from gateway.metrics import Metrics
+from gateway.workers import WorkerClient, WorkerClients
+from gpu.repository import ModelRepository
+from placement import policy as pol
+from placement.cluster import ClusterView, DeviceView, ModelInfo, WorkerView
+from placement.errors import (
+    DoesNotFit,
+    ModelLoadError,
+    ModelpoolError,
+    Unavailable,
+    WorkerUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Acquired:
+    """A copy this request may use; release it exactly once."""
+
+    copy: CopyView
+    client: WorkerClient
+    cold: bool
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    reason: str
+    artifact_mtime: float
+
+
+class Placer:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        store: ResidencyStore,
+        view: ResidencyView,
+        clients: WorkerClients,
+        metrics: Metrics,
+        *,
+        load_timeout_s: float,
+        acquire_timeout_s: float,
+        min_residency_s: float = 0.0,
+    ) -> None:
+        self.repository = repository
+        self.store = store
+        self.view = view
+        self.clients = clients
+        self.metrics = metrics
+        self.load_timeout_s = load_timeout_s
+        self.acquire_timeout_s = acquire_timeout_s
+        self.min_residency_s = min_residency_s
+        self._flights: dict[tuple[str, int], asyncio.Future[None]] = {}
+        #: Plans are computed and their reservations made one at a time per gateway,
+        #: so two cold models never both count the same free bytes.
+        self._plan_lock = asyncio.Lock()
+        #: Peak bytes and load seconds measured on the last load of each model version.
+        self.measured: dict[tuple[str, int], tuple[int, float]] = {}
+        self.failures: dict[tuple[str, int], LoadFailure] = {}
+        self._copy_changed = asyncio.Event()
+        store.subscribe(lambda _event: self._copy_changed.set())
+
+    # -- request path ----------------------------------------------------------------
+    def try_acquire(self, model: str, version: int) -> Acquired | None:
+        """The warm path: a READY copy, in-flight already counted. No awaits."""
+        ready = self.view.ready_copies(model, version)
+        if not ready:
+            return None
+        copy = pol.choose_route(ready)
+        worker = self.view.workers[copy.worker_id]
+        self.view.inflight[copy.key] += 1
+        self.view.last_used[copy.key] = time.time()
+        return Acquired(copy, self.clients.get(worker.worker_id, worker.address), cold=False)
+
+    def release(self, acquired: Acquired) -> None:
+        key = acquired.copy.key
+        n = self.view.inflight.get(key, 0) - 1
+        if n <= 0:
+            self.view.inflight.pop(key, None)
+        else:
+            self.view.inflight[key] = n
+        self.view.last_used[key] = time.time()
+        self._copy_changed.set()
+
+    async def acquire(self, model: str, version: int) -> Acquired:
+        """A copy of ``model``/``version`` to send a request to, loading one if needed.
+
+        Raises:
+            DoesNotFit: the model is bigger than any device.
+            Unavailable: no capacity within ``acquire_timeout_s`` (Retry-After).
+            ModelLoadError: the artifact cannot be loaded.
+        """
+        got = self.try_acquire(model, version)
+        if got is not None:
+            return got
+        self._check_failed(model, version)
+        deadline = time.monotonic() + self.acquire_timeout_s
+        while True:
+            await self._ensure_loaded(model, version, deadline)
+            got = self.try_acquire(model, version)
+            if got is not None:
+                return dataclasses.replace(got, cold=True)
+            if time.monotonic() >= deadline:
+                raise Unavailable(f"model '{model}': no copy became ready in time", retry_after_s=2.0)
+
+    def _check_failed(self, model: str, version: int) -> None:
+        failure = self.failures.get((model, version))
+        if failure is None:
+            return
+        spec = self.repository.get(model)
+        path = spec.artifacts.get(version)
+        # A replaced artifact deserves another try; an unchanged broken one fails fast.
+        if path is not None and path.exists() and path.stat().st_mtime != failure.artifact_mtime:
+            del self.failures[(model, version)]
+            return
+        raise ModelLoadError(failure.reason)
+
+    async def _ensure_loaded(self, model: str, version: int, deadline: float) -> None:
+        """Single flight: the first caller loads; the others await its result."""
+        key = (model, version)
+        flight = self._flights.get(key)
+        if flight is not None:
+            await asyncio.wait_for(asyncio.shield(flight), max(0.0, deadline - time.monotonic()))
+            return
+        flight = asyncio.get_running_loop().create_future()
+        self._flights[key] = flight
+        try:
+            await self._load_leader(model, version, deadline)
+            flight.set_result(None)
+        except BaseException as e:
+            flight.set_exception(e)
+            # Followers get the exception; keep asyncio from warning when none awaited.
+            flight.exception()
+            raise
+        finally:
+            del self._flights[key]
+
+    async def _load_leader(self, model: str, version: int, deadline: float) -> None:
+        remaining = max(0.1, deadline - time.monotonic())
+        async with self.store.load_lock(model, version, timeout_s=remaining):
+            while time.monotonic() < deadline:
+                if self.view.ready_copies(model, version):
+                    return
+                async with self._plan_lock:
+                    plan = pol.plan_lru(self._cluster_view(model, version), self._request(model, version))
+                    if isinstance(plan, pol.Load):
+                        victims = self._claim_victims(plan.evict)
+                        if victims is None:
+                            continue  # someone started using a victim; plan again
+                match plan:
+                    case pol.Route():
+                        return
+                    case pol.Reject(reason=reason, retryable=False):
+                        raise DoesNotFit(reason)
+                    case pol.Reject():
+                        await self._wait_for_change(deadline)
+                    case pol.Wait():
+                        await self._wait_for_change(deadline)
+                    case pol.Load():
+                        await self._execute_load(model, version, plan, victims)
+                        return
+            raise Unavailable(
+                f"model '{model}': no room on any device before the deadline; "
+                "copies are busy or loading",
+                retry_after_s=2.0,
+            )
+
+    async def _wait_for_change(self, deadline: float) -> None:
+        self._copy_changed.clear()
+        timeout = min(1.0, max(0.0, deadline - time.monotonic()))
+        try:
+            await asyncio.wait_for(self._copy_changed.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    # -- plan execution ----------------------------------------------------------------
+    def _claim_victims(self, victims: tuple[CopyView, ...]) -> list[CopyView] | None:
+        """Mark victims UNLOADING in the local view, in this same event-loop step in
+        which they were checked idle, so no request can acquire them. None if any is
+        busy now."""
+        if any(self.view.inflight.get(v.key, 0) for v in victims):
+            return None
+        claimed = []
+        for v in victims:
+            copy = dataclasses.replace(self.view.copies[v.key], state=CopyState.UNLOADING)
+            self.view.copies[v.key] = copy
+            claimed.append(copy)
+        return claimed
+
+    async def _execute_load(
+        self, model: str, version: int, plan: pol.Load, victims: list[CopyView] | None
+    ) -> None:
+        for victim in victims or []:
+            await self.evict(victim, reason="capacity")
+        worker = self.view.workers.get(plan.worker_id)
+        if worker is None:
+            raise Unavailable(f"model '{model}': worker {plan.worker_id} went away", retry_after_s=1.0)
+        device = self.view.devices.get(plan.device_id)
+        capacity = device.total_bytes - device.used_other_bytes if device else plan.reserve_bytes
+        now = time.time()
+        reservation = CopyView(
+            model=model,
+            version=version,
+            worker_id=plan.worker_id,
+            state=CopyState.LOADING,
+            footprint_bytes=plan.reserve_bytes,
+            last_used=now,
+            loaded_at=now,
+        )
+        if not await self.store.reserve(reservation, plan.device_id, capacity):
+            raise Unavailable(f"model '{model}': device {plan.device_id} filled up meanwhile", retry_after_s=0.5)
+        client = self.clients.get(worker.worker_id, worker.address)
+        started = time.monotonic()
+        try:
+            result = await client.load(model, version, timeout_s=self.load_timeout_s)
+        except BaseException as e:
+            await self.store.remove_copy(reservation.key)
+            self.metrics.loads.labels(model, "failure").inc()
+            if isinstance(e, ModelLoadError):
+                spec = self.repository.get(model)
+                path = spec.artifacts.get(version)
+                mtime = path.stat().st_mtime if path is not None and path.exists() else 0.0
+                self.failures[(model, version)] = LoadFailure(e.message, mtime)
+            log.warning("load failed model=%s worker=%s: %s", model, worker.worker_id, e)
+            raise
+        elapsed = time.monotonic() - started
+        self.metrics.loads.labels(model, "success").inc()
+        self.metrics.load_duration.labels(model).observe(elapsed)
+        self.measured[(model, version)] = (result.peak_bytes, result.load_seconds)
+        now = time.time()
+        await self.store.put_copy(
+            dataclasses.replace(
+                reservation,
+                state=CopyState.READY,
+                footprint_bytes=result.footprint_bytes,
+                last_used=now,
+                loaded_at=now,
+            )
+        )
+        log.info(
+            "placed model=%s version=%d worker=%s footprint=%d load_s=%.3f",
+            model, version, worker.worker_id, result.footprint_bytes, elapsed,
+        )
+
+    async def evict(self, copy: CopyView, reason: str) -> None:
+        """Unload a copy already marked UNLOADING; a refusal (busy on the worker) puts
+        it back READY."""
+        worker = self.view.workers.get(copy.worker_id)
+        if worker is None:
+            await self.store.remove_copy(copy.key)
+            return
+        await self.store.put_copy(copy)
+        client = self.clients.get(worker.worker_id, worker.address)
+        try:
+            await client.unload(copy.model, copy.version, timeout_s=self.load_timeout_s)
+        except WorkerUnavailable:
+            pass  # the worker is gone; its memory went with it
+        except ModelpoolError:
+            await self.store.put_copy(dataclasses.replace(copy, state=CopyState.READY))
+            raise
+        await self.store.remove_copy(copy.key)
+        self.metrics.evictions.labels(copy.model, reason).inc()
+        log.info("evicted model=%s version=%d worker=%s reason=%s", copy.model, copy.version, copy.worker_id, reason)
+
+    async def unload_model(self, model: str, timeout_s: float) -> int:
+        """Unload every copy of ``model`` once its requests finish (Triton's unload)."""
+        deadline = time.monotonic() + timeout_s
+        count = 0
+        while True:
+            mine = [c for c in self.view.all_copies() if c.model == model]
+            if not mine:
+                return count
+            idle = [c for c in mine if c.state == CopyState.READY and not self.view.inflight.get(c.key)]
+            for c in idle:
+                claimed = self._claim_victims((c,))
+                if claimed:
+                    await self.evict(claimed[0], reason="unload")
+                    count += 1
+            if len(idle) < len(mine):
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"model '{model}': copies still busy after {timeout_s:.0f}s")
+                await self._wait_for_change(deadline)
+
+    # -- views -------------------------------------------------------------------------
+    def _request(self, model: str, version: int) -> pol.PlacementRequest:
+        return pol.PlacementRequest(model, version, now=time.time(), min_residency_s=self.min_residency_s)
+
+    def model_info(self, model: str, version: int) -> ModelInfo:
+        spec = self.repository.get(model)
+        measured = self.measured.get((model, version))
+        return ModelInfo(
+            name=model,
+            estimated_bytes=spec.estimated_bytes(version),
+            measured_bytes=measured[0] if measured else None,
+            load_seconds=measured[1] if measured else None,
+        )
+
+    def _cluster_view(self, model: str, version: int) -> ClusterView:
+        copies = tuple(self.view.all_copies())
+        infos = {model: self.model_info(model, version)}
+        return ClusterView(
+            devices=tuple(
+                DeviceView(d.device_id, d.total_bytes, d.used_other_bytes) for d in self.view.devices.values()
+            ),
+            workers=tuple(WorkerView(w.worker_id, w.device_id) for w in self.view.workers.values()),
+            copies=copies,
+            models=infos,
+        )
+
+    def forget_worker_copy(self, key: CopyKey) -> None:
+        """A forward found the worker gone: stop routing to this copy at once."""
+        self.view.copies.pop(key, None)

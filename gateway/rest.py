@@ -1,0 +1,149 @@
+"""KServe v2 REST on aiohttp, as Triton serves it. Handlers parse, call the DataPlane,
+render; the middleware maps typed errors once."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.dataplane import DataPlane
+from gateway.errors import retry_after, status_of
+from gateway.proto_json import message_to_json
+from gateway.rest_codec import HEADER_LENGTH, parse_infer, render_infer
+from placement.errors import InvalidInput, ModelpoolError, PayloadTooLarge
+
+log = logging.getLogger(__name__)
+
+DATAPLANE = web.AppKey("dataplane", DataPlane)
+MAX_BODY = web.AppKey("max_request_bytes", int)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str, retry_after_s: float | None = None) -> web.Response:
+    headers = {"Retry-After": str(max(1, round(retry_after_s)))} if retry_after_s is not None else None
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ModelpoolError as e:
+        status, _ = status_of(e)
+        if status >= 500 and status != 503:
+            log.exception("unmapped error on %s", request.path)
+        return _error(status, e.message, retry_after(e))
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("bug: unhandled error on %s %s", request.method, request.path)
+        return _error(500, "internal error (a bug): see the gateway log")
+
+
+def _model(request: web.Request) -> tuple[str, str]:
+    return request.match_info["model"], request.match_info.get("version", "")
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def ready(request: web.Request) -> web.Response:
+    return web.Response(status=200 if request.app[DATAPLANE].server_ready() else 503)
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return web.json_response(message_to_json(request.app[DATAPLANE].server_metadata()))
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    name, version = _model(request)
+    return web.json_response(message_to_json(request.app[DATAPLANE].model_metadata(name, version)))
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    name, version = _model(request)
+    dp = request.app[DATAPLANE]
+    dp.spec(name, version)  # unknown model or version: 404, as Triton
+    return web.Response(status=200 if dp.model_ready(name, version) else 400)
+
+
+async def model_config(request: web.Request) -> web.Response:
+    name, version = _model(request)
+    return web.json_response(message_to_json(request.app[DATAPLANE].model_config(name, version)))
+
+
+async def infer(request: web.Request) -> web.Response:
+    name, version = _model(request)
+    dp = request.app[DATAPLANE]
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge as e:
+        raise PayloadTooLarge(
+            f"model '{name}': request body is over the {request.app[MAX_BODY]}-byte limit "
+            f"(--max-request-size): {e.text}"
+        ) from None
+    dp.spec(name, version)  # 404 for an unknown model before any parsing
+    parsed, doc = parse_infer(name, version, body, request.headers.get(HEADER_LENGTH))
+    outcome = await dp.infer(parsed, protocol="http")
+    payload, header_length = render_infer(outcome.response, doc)
+    if header_length is None:
+        return web.Response(body=payload, content_type="application/json")
+    return web.Response(
+        body=payload,
+        content_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(header_length)},
+    )
+
+
+async def repository_index(request: web.Request) -> web.Response:
+    ready_only = False
+    if request.can_read_body:
+        try:
+            doc = await request.json()
+        except ValueError:
+            raise InvalidInput("repository index: body is not valid JSON") from None
+        ready_only = bool(isinstance(doc, dict) and doc.get("ready"))
+    entries = request.app[DATAPLANE].repository_index(ready_only)
+    return web.json_response(
+        [
+            {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
+            for e in entries
+        ]
+    )
+
+
+async def repository_load(request: web.Request) -> web.Response:
+    await request.app[DATAPLANE].load_model(request.match_info["model"])
+    return web.json_response({})
+
+
+async def repository_unload(request: web.Request) -> web.Response:
+    await request.app[DATAPLANE].unload_model(request.match_info["model"])
+    return web.json_response({})
+
+
+def add_routes(app: web.Application) -> None:
+    versioned = "/v2/models/{model}/versions/{version}"
+    plain = "/v2/models/{model}"
+    app.router.add_get("/v2/health/live", live)
+    app.router.add_get("/v2/health/ready", ready)
+    app.router.add_get("/v2", server_metadata)
+    for prefix in (plain, versioned):
+        app.router.add_get(prefix, model_metadata)
+        app.router.add_get(prefix + "/ready", model_ready)
+        app.router.add_get(prefix + "/config", model_config)
+        app.router.add_post(prefix + "/infer", infer)
+    app.router.add_post("/v2/repository/index", repository_index)
+    app.router.add_post("/v2/repository/models/{model}/load", repository_load)
+    app.router.add_post("/v2/repository/models/{model}/unload", repository_unload)
+
+
+def create_rest_app(dataplane: DataPlane, max_request_bytes: int) -> web.Application:
+    app = web.Application(client_max_size=max_request_bytes, middlewares=[errors_middleware])
+    app[DATAPLANE] = dataplane
+    app[MAX_BODY] = max_request_bytes
+    add_routes(app)
+    return app

@@ -1,0 +1,169 @@
+"""Wires one gateway: store, local view, placer, data plane, REST, gRPC, metrics, and
+the device-memory poller. Everything is built here and passed down; nothing is global."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from cache.records import CopyState, DeviceRecord
+from cache.store import ResidencyStore
+from cache.view import ResidencyView
+from gateway.config import GatewayConfig
+from gateway.dataplane import DataPlane
+from gateway.grpc_server import create_grpc_server
+from gateway.metrics import Metrics
+from gateway.placer import Placer
+from gateway.rest import create_rest_app
+from gateway.workers import WorkerClients
+from gpu.repository import ModelRepository
+from placement.errors import ModelpoolError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BoundPorts:
+    http: int = 0
+    grpc: int = 0
+    metrics: int = 0
+
+
+@dataclass
+class Gateway:
+    config: GatewayConfig
+    store: ResidencyStore
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    #: Budget per device id for CPU devices (their memory is what we account).
+    budgets: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.repository = ModelRepository(self.config.model_repository)
+        self.view = ResidencyView()
+        self.store.subscribe(self.view.apply)
+        self.clients = WorkerClients(max_message_bytes=max(self.config.max_request_bytes, 1 << 30))
+        self.metrics = Metrics(self.registry)
+        self.placer = Placer(
+            self.repository,
+            self.store,
+            self.view,
+            self.clients,
+            self.metrics,
+            load_timeout_s=self.config.load_timeout_s,
+            acquire_timeout_s=self.config.acquire_timeout_s,
+            min_residency_s=self.config.min_residency_s,
+        )
+        self.dataplane = DataPlane(
+            self.repository, self.view, self.placer, self.metrics, infer_timeout_s=self.config.infer_timeout_s
+        )
+        self.ports = BoundPorts()
+        self._runners: list[web.AppRunner] = []
+        self._grpc = None
+        self._poller: asyncio.Task[None] | None = None
+
+    async def start(self) -> BoundPorts:
+        snap = await self.store.snapshot()
+        self.view.reset(snap.workers, snap.devices, snap.copies)
+        cfg = self.config
+        rest = create_rest_app(self.dataplane, cfg.max_request_bytes)
+        self.ports.http = await self._serve_aiohttp(rest, cfg.http_port)
+        metrics_app = web.Application()
+        metrics_app.router.add_get("/metrics", self._metrics_handler)
+        self.ports.metrics = await self._serve_aiohttp(metrics_app, cfg.metrics_port)
+        self._grpc, self.ports.grpc = create_grpc_server(
+            self.dataplane, f"{cfg.host}:{cfg.grpc_port}", cfg.max_request_bytes
+        )
+        await self._grpc.start()
+        self._poller = asyncio.create_task(self._poll_devices(), name="device-poller")
+        return self.ports
+
+    async def _serve_aiohttp(self, app: web.Application, port: int) -> int:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.host, port, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        return int(sockets[0].getsockname()[1]) if sockets else port
+
+    async def _metrics_handler(self, request: web.Request) -> web.Response:
+        self.refresh_gauges()
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def refresh_gauges(self) -> None:
+        copies = self.view.all_copies()
+        self.metrics.resident_models.set(sum(1 for c in copies if c.state == CopyState.READY))
+        self.metrics.workers.set(len(self.view.workers))
+        for d in self.view.devices.values():
+            workers = {w.worker_id for w in self.view.workers.values() if w.device_id == d.device_id}
+            mine = [c for c in copies if c.worker_id in workers]
+            reserved = sum(c.footprint_bytes for c in mine if c.state == CopyState.LOADING)
+            ours = sum(c.footprint_bytes for c in mine if c.state in (CopyState.READY, CopyState.UNLOADING))
+            used = d.used_bytes if d.source != "budget" else ours
+            for kind, value in (
+                ("total", d.total_bytes),
+                ("used", used),
+                ("free", max(0, d.total_bytes - used - reserved)),
+                ("reserved", reserved),
+                ("ours", ours),
+            ):
+                self.metrics.device_memory.labels(d.device_id, kind).set(value)
+
+    async def _poll_devices(self) -> None:
+        """Read device memory from one worker per device, publish it, and batch this
+        gateway's last-use times into the store."""
+        while True:
+            try:
+                await self.poll_once()
+            except ModelpoolError as e:
+                log.warning("device poll failed: %s", e)
+            await asyncio.sleep(self.config.poll_interval_s)
+
+    async def poll_once(self) -> None:
+        seen: set[str] = set()
+        for w in list(self.view.workers.values()):
+            if w.device_id in seen:
+                continue
+            budget = self.budgets.get(w.device_id)
+            if budget is not None:
+                record = DeviceRecord(w.device_id, total_bytes=budget, source="budget")
+            else:
+                try:
+                    status = await self.clients.get(w.worker_id, w.address).status(timeout_s=5.0)
+                except ModelpoolError:
+                    continue
+                m = status.memory
+                ours = sum(
+                    c.footprint_bytes
+                    for c in self.view.all_copies()
+                    if self.view.workers.get(c.worker_id) and self.view.workers[c.worker_id].device_id == w.device_id
+                )
+                record = DeviceRecord(w.device_id, m.total_bytes, m.used_bytes, m.free_bytes, ours, m.source)
+            seen.add(w.device_id)
+            if self.view.devices.get(w.device_id) != record:
+                await self.store.put_device(record)
+        if self.view.last_used:
+            await self.store.touch(dict(self.view.last_used))
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        await self.clients.close()
+        await self.store.close()
+
+
+def ready_line(ports: BoundPorts) -> str:
+    return f"modelpool ready http={ports.http} grpc={ports.grpc} metrics={ports.metrics} t={time.time():.3f}"

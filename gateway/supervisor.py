@@ -1,0 +1,194 @@
+"""Starts and restarts local worker processes for ``modelpool serve``.
+
+Each slot is one worker process with a stable id. When a worker dies its copies leave
+the store at once (so requests load them elsewhere) and the slot starts a new process
+after a short backoff. Stopping sends SIGTERM, then SIGKILL to any worker that has not
+exited in ``kill_after_s``: a hung worker never keeps ``modelpool serve`` alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+from cache.records import WorkerRecord
+from cache.store import ResidencyStore
+from gateway.metrics import Metrics
+from gateway.workers import WorkerClients
+from gpu.worker import READY_LINE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    worker_id: str
+    device: str  # cpu, cuda:0
+    device_id: str  # node/device: what workers sharing memory have in common
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    model_repository: str
+    node: str
+    device_memory_budget: int | None
+    threads: int | None = None
+    start_timeout_s: float = 60.0
+    kill_after_s: float = 5.0
+    restart_backoff_s: float = 0.5
+    log_level: str = "INFO"
+    max_message_bytes: int = 1 << 30
+
+
+class LocalWorkers:
+    def __init__(
+        self,
+        config: SupervisorConfig,
+        slots: list[WorkerSlot],
+        store: ResidencyStore,
+        clients: WorkerClients,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.slots = slots
+        self.store = store
+        self.clients = clients
+        self.metrics = metrics
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.restarts: dict[str, int] = {s.worker_id: 0 for s in slots}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._ready: dict[str, asyncio.Event] = {s.worker_id: asyncio.Event() for s in slots}
+
+    async def start(self) -> None:
+        """Start every slot and wait until each worker first reports ready."""
+        for slot in self.slots:
+            self._tasks.append(asyncio.create_task(self._run_slot(slot), name=f"slot-{slot.worker_id}"))
+        waits = [asyncio.wait_for(e.wait(), self.config.start_timeout_s) for e in self._ready.values()]
+        try:
+            await asyncio.gather(*waits)
+        except TimeoutError:
+            raise RuntimeError(
+                f"workers did not start within {self.config.start_timeout_s:.0f}s; see their log above"
+            ) from None
+
+    def _command(self, slot: WorkerSlot) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "gateway.cli", "worker",
+            "--model-repository", self.config.model_repository,
+            "--device", slot.device,
+            "--host", "127.0.0.1",
+            "--port", "0",
+            "--worker-id", slot.worker_id,
+            "--exit-with-parent",
+            "--log-level", self.config.log_level,
+            "--max-message-size", str(self.config.max_message_bytes),
+        ]  # fmt: skip
+        if self.config.device_memory_budget is not None:
+            cmd += ["--device-memory-budget", str(self.config.device_memory_budget)]
+        if self.config.threads:
+            cmd += ["--threads", str(self.config.threads)]
+        return cmd
+
+    async def _spawn(self, slot: WorkerSlot) -> tuple[asyncio.subprocess.Process, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *self._command(slot), stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
+        )
+        self.procs[slot.worker_id] = proc
+        assert proc.stdout is not None
+        async with asyncio.timeout(self.config.start_timeout_s):
+            while True:
+                line = await proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"worker {slot.worker_id} exited before it was ready (code {await proc.wait()})")
+                text = line.decode(errors="replace").strip()
+                if text.startswith(READY_LINE):
+                    fields = dict(kv.split("=", 1) for kv in text.split()[1:])
+                    return proc, fields["address"]
+                log.info("[%s] %s", slot.worker_id, text)
+
+    async def _drain(self, slot: WorkerSlot, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            log.info("[%s] %s", slot.worker_id, line.decode(errors="replace").rstrip())
+
+    async def _run_slot(self, slot: WorkerSlot) -> None:
+        while not self._stopping:
+            try:
+                proc, address = await self._spawn(slot)
+            except (RuntimeError, TimeoutError, OSError) as e:
+                log.error("worker %s failed to start: %s", slot.worker_id, e)
+                await self._kill(slot.worker_id)
+                await asyncio.sleep(self.config.restart_backoff_s * 4)
+                continue
+            await self.store.register_worker(
+                WorkerRecord(slot.worker_id, address, slot.device_id, self.config.node, proc.pid or 0)
+            )
+            self._ready[slot.worker_id].set()
+            log.info("worker %s ready at %s pid=%s", slot.worker_id, address, proc.pid)
+            drain = asyncio.create_task(self._drain(slot, proc))
+            code = await proc.wait()
+            drain.cancel()
+            if self._stopping:
+                return
+            log.error("worker %s (pid %s) exited with code %s; restarting", slot.worker_id, proc.pid, code)
+            await self.worker_lost(slot.worker_id)
+            self.restarts[slot.worker_id] += 1
+            await asyncio.sleep(self.config.restart_backoff_s)
+
+    async def worker_lost(self, worker_id: str) -> None:
+        dropped = await self.store.remove_worker(worker_id)
+        self.clients.drop(worker_id)
+        for copy in dropped:
+            self.metrics.evictions.labels(copy.model, "worker_lost").inc()
+
+    async def _kill(self, worker_id: str) -> None:
+        proc = self.procs.get(worker_id)
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), self.config.kill_after_s)
+        except TimeoutError:
+            log.warning("worker %s did not stop in %.0fs; killing it", worker_id, self.config.kill_after_s)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await asyncio.gather(*(self._kill(wid) for wid in list(self.procs)))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def pids(self) -> dict[str, int]:
+        return {wid: p.pid for wid, p in self.procs.items() if p.returncode is None and p.pid}
+
+
+def local_slots(node: str, devices: list[str], per_device: int) -> list[WorkerSlot]:
+    return [
+        WorkerSlot(worker_id=f"{node}-{dev.replace(':', '')}-w{i}", device=dev, device_id=f"{node}/{dev}")
+        for dev in devices
+        for i in range(per_device)
+    ]
+
+
+def detect_devices() -> list[str]:
+    """CUDA devices through NVML (no torch import in the gateway), else the CPU."""
+    if os.environ.get("MODELPOOL_FORCE_CPU"):
+        return ["cpu"]
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+    except Exception:  # pynvml.NVMLError (no driver), ImportError
+        return ["cpu"]
+    return [f"cuda:{i}" for i in range(count)] or ["cpu"]

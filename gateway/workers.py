@@ -1,0 +1,123 @@
+"""Persistent gRPC channels to workers, with deadlines and error translation.
+
+A grpc ``AioRpcError`` never leaves this module: a worker's typed failure comes back as
+the same ``placement.errors`` class (its name rides in trailing metadata), and a lost
+connection becomes ``WorkerUnavailable``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+import placement.errors as errors
+from gpu import protocol
+
+log = logging.getLogger(__name__)
+
+_CONNECTION_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
+
+
+def translate(err: grpc.aio.AioRpcError, worker_id: str, what: str) -> errors.ModelpoolError:
+    """The typed error a worker's gRPC status stands for."""
+    name = dict(err.trailing_metadata() or ()).get(protocol.ERROR_CLASS_KEY)
+    cls = getattr(errors, str(name), None) if name else None
+    if isinstance(cls, type) and issubclass(cls, errors.ModelpoolError):
+        return cls(err.details() or what)
+    if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return errors.Unavailable(f"{what}: worker {worker_id} did not answer in time", retry_after_s=1.0)
+    if err.code() in _CONNECTION_CODES:
+        return errors.WorkerUnavailable(f"{what}: worker {worker_id} is unreachable ({err.code().name})")
+    return errors.ModelpoolError(f"{what}: worker {worker_id} failed: {err.code().name} {err.details()}")
+
+
+class WorkerClient:
+    def __init__(self, worker_id: str, address: str, max_message_bytes: int = 1 << 30) -> None:
+        self.worker_id = worker_id
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+                # Local workers restart on another port under the same id only after a
+                # new client is made; keep reconnect attempts quick meanwhile.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ],
+        )
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self._load = self.channel.unary_unary(
+            protocol.LOAD, request_serializer=protocol.encode, response_deserializer=protocol.decoder(protocol.LoadResult)
+        )
+        self._unload = self.channel.unary_unary(
+            protocol.UNLOAD,
+            request_serializer=protocol.encode,
+            response_deserializer=protocol.decoder(protocol.UnloadResult),
+        )
+        self._status = self.channel.unary_unary(
+            protocol.STATUS,
+            request_serializer=lambda _: b"{}",
+            response_deserializer=protocol.decoder(protocol.WorkerStatus),
+        )
+
+    async def _call(self, what: str, method: Any, request: Any, timeout_s: float) -> Any:
+        try:
+            return await method(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise translate(e, self.worker_id, what) from None
+
+    async def infer(self, request: pb.ModelInferRequest, timeout_s: float) -> pb.ModelInferResponse:
+        return await self._call(f"model '{request.model_name}'", self.stub.ModelInfer, request, timeout_s)
+
+    async def load(self, model: str, version: int, timeout_s: float) -> protocol.LoadResult:
+        return await self._call(
+            f"model '{model}' load", self._load, protocol.LoadRequest(model, version), timeout_s
+        )
+
+    async def unload(self, model: str, version: int, timeout_s: float) -> protocol.UnloadResult:
+        return await self._call(
+            f"model '{model}' unload", self._unload, protocol.UnloadRequest(model, version), timeout_s
+        )
+
+    async def status(self, timeout_s: float) -> protocol.WorkerStatus:
+        return await self._call("status", self._status, None, timeout_s)
+
+    async def close(self) -> None:
+        await self.channel.close(grace=None)
+
+
+class WorkerClients:
+    """One client per worker id, made on first use from the worker's address."""
+
+    def __init__(self, max_message_bytes: int = 1 << 30) -> None:
+        self._clients: dict[str, WorkerClient] = {}
+        self.max_message_bytes = max_message_bytes
+
+    def get(self, worker_id: str, address: str) -> WorkerClient:
+        client = self._clients.get(worker_id)
+        if client is None or client.address != address:
+            if client is not None:
+                self._retire(client)
+            client = WorkerClient(worker_id, address, self.max_message_bytes)
+            self._clients[worker_id] = client
+        return client
+
+    def drop(self, worker_id: str) -> None:
+        client = self._clients.pop(worker_id, None)
+        if client is not None:
+            self._retire(client)
+
+    def _retire(self, client: WorkerClient) -> None:
+        import asyncio
+
+        asyncio.get_running_loop().create_task(client.close())
+
+    async def close(self) -> None:
+        for client in list(self._clients.values()):
+            await client.close()
+        self._clients.clear()

@@ -1,0 +1,108 @@
+"""Messages between gateway and worker that Triton's proto has no room for.
+
+Inference itself travels as Triton's ``ModelInferRequest``/``ModelInferResponse`` so the
+gateway forwards tensors without re-encoding them. Control calls (load with a
+footprint in the reply, unload, status) are frozen dataclasses sent as JSON over
+generic gRPC methods, which keeps the wire typed without a protoc step at build time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+SERVICE = "modelpool.Worker"
+LOAD = f"/{SERVICE}/Load"
+UNLOAD = f"/{SERVICE}/Unload"
+STATUS = f"/{SERVICE}/Status"
+
+#: Trailing-metadata key carrying the ``placement.errors`` class name of a failure, so
+#: the gateway re-raises the same typed error the worker raised.
+ERROR_CLASS_KEY = "modelpool-error"
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    model: str
+    version: int
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """``footprint_bytes``: what the copy holds once loaded; ``peak_bytes``: the most it
+    held during load and warm-up, which is what admission must reserve next time."""
+
+    model: str
+    version: int
+    footprint_bytes: int
+    peak_bytes: int
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class UnloadRequest:
+    model: str
+    version: int
+
+
+@dataclass(frozen=True)
+class UnloadResult:
+    model: str
+    version: int
+    freed_bytes: int
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """Bytes on the worker's device. ``source`` is where the figures came from:
+    ``nvml`` (real device memory, other processes included), ``torch`` (CUDA allocator
+    fallback) or ``budget`` (CPU: the configured budget, used = our models)."""
+
+    device: str
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    ours_bytes: int
+    source: str
+
+
+@dataclass(frozen=True)
+class CopyStatus:
+    model: str
+    version: int
+    footprint_bytes: int
+    peak_bytes: int
+    load_seconds: float
+    inflight: int
+    last_used: float
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    worker_id: str
+    device: str
+    pid: int
+    memory: DeviceMemory
+    copies: tuple[CopyStatus, ...] = field(default_factory=tuple)
+
+
+T = TypeVar("T")
+
+
+def encode(obj: Any) -> bytes:
+    return json.dumps(dataclasses.asdict(obj), separators=(",", ":")).encode()
+
+
+def decoder(cls: type[T]):  # noqa: ANN201 - returns a deserializer for grpc
+    """A grpc response/request deserializer building ``cls`` from JSON bytes."""
+
+    def decode(data: bytes) -> T:
+        raw = json.loads(data)
+        if cls is WorkerStatus:
+            raw["memory"] = DeviceMemory(**raw["memory"])
+            raw["copies"] = tuple(CopyStatus(**c) for c in raw["copies"])
+        return cls(**raw)
+
+    return decode

@@ -1,0 +1,223 @@
+"""Triton's model repository layout, read with Triton's own ModelConfig protobuf.
+
+    <repo>/<model>/config.pbtxt
+    <repo>/<model>/<version>/model.pt      (TorchScript, platform pytorch_libtorch)
+
+A model whose config or artifacts are bad is still listed, with ``error`` naming the
+file and the problem, so one broken model never stops the server.
+https://github.com/triton-inference-server/server/blob/main/docs/user_guide/model_repository.md
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from gpu.tensors import NUMPY_DTYPES
+from placement.errors import InvalidInput, ModelNotFound, ModelNotReady
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_PLATFORMS = {"pytorch_libtorch"}
+SUPPORTED_BACKENDS = {"pytorch", ""}
+DEFAULT_FILENAME = "model.pt"
+#: Loaded TorchScript weights take about their file's size; the rest covers the
+#: interpreter's buffers and the first forward's activations until a load measures it.
+ESTIMATE_HEADROOM = 1.25
+ESTIMATE_FLOOR_BYTES = 1 << 20
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An input or output as configured. ``dims`` exclude the batch dimension; -1 is any."""
+
+    name: str
+    datatype: str  # wire name: FP32, INT64, ...
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model as the repository describes it. ``error`` is set when it cannot serve.
+
+    ``versions`` are those the version policy makes available, ascending, and
+    ``artifacts`` maps each to its file.
+    """
+
+    name: str
+    platform: str
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    versions: tuple[int, ...]
+    artifacts: dict[int, Path]
+    config: mc.ModelConfig
+    error: str | None = None
+
+    @property
+    def latest(self) -> int:
+        return self.versions[-1]
+
+    def resolve_version(self, version: str | int | None) -> int:
+        """The version to serve for a request's version string ('' or None: latest)."""
+        if self.error is not None:
+            raise ModelNotReady(f"model '{self.name}' is not available: {self.error}")
+        if version in (None, "", 0):
+            return self.latest
+        try:
+            v = int(version)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"model '{self.name}': version '{version}' is not a number") from None
+        if v not in self.versions:
+            raise ModelNotFound(
+                f"model '{self.name}' has no version {v} "
+                f"(available: {', '.join(map(str, self.versions))})"
+            )
+        return v
+
+    def artifact_bytes(self, version: int) -> int:
+        return self.artifacts[version].stat().st_size
+
+    def estimated_bytes(self, version: int) -> int:
+        return max(ESTIMATE_FLOOR_BYTES, int(self.artifact_bytes(version) * ESTIMATE_HEADROOM))
+
+
+def check_model_name(name: str) -> None:
+    """Reject names that could escape the repository or are not directory names."""
+    if not name or name in (".", "..") or not _NAME_RE.match(name) or ".." in name:
+        raise InvalidInput(f"model name '{name}' is not allowed (letters, digits, '_', '-', '.')")
+
+
+class ModelRepository:
+    """Reads a repository directory. Specs are cached and re-read on ``refresh``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise ValueError(f"model repository '{self.root}' is not a directory")
+        self._specs: dict[str, ModelSpec] = {}
+        self.refresh()
+
+    def refresh(self, name: str | None = None) -> None:
+        """Re-read one model (None: the whole repository) from disk."""
+        if name is None:
+            found = {}
+            for d in sorted(self.root.iterdir()):
+                if d.is_dir() and _NAME_RE.match(d.name) and not d.name.startswith("."):
+                    found[d.name] = read_model(d)
+            self._specs = found
+            return
+        check_model_name(name)
+        d = self.root / name
+        if d.is_dir():
+            self._specs[name] = read_model(d)
+        else:
+            self._specs.pop(name, None)
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def specs(self) -> list[ModelSpec]:
+        return [self._specs[n] for n in self.names()]
+
+    def get(self, name: str) -> ModelSpec:
+        """The spec of ``name``; a model added to disk since the last scan is found too."""
+        check_model_name(name)
+        spec = self._specs.get(name)
+        if spec is None:
+            self.refresh(name)
+            spec = self._specs.get(name)
+        if spec is None:
+            raise ModelNotFound(f"model '{name}' is not in the model repository")
+        return spec
+
+
+def _tensor(t: mc.ModelInput | mc.ModelOutput, where: str) -> TensorSpec:
+    dt = mc.DataType.Name(t.data_type)
+    if not dt.startswith("TYPE_") or dt[5:] == "INVALID":
+        raise ValueError(f"{where} '{t.name}' has no data_type")
+    wire = "BYTES" if dt == "TYPE_STRING" else dt[5:]
+    if wire not in NUMPY_DTYPES:
+        raise ValueError(f"{where} '{t.name}': data_type {dt} is not supported by pytorch_libtorch")
+    dims = tuple(int(d) for d in t.dims)
+    if not dims and not t.HasField("reshape"):
+        raise ValueError(f"{where} '{t.name}' has no dims")
+    return TensorSpec(name=t.name, datatype=wire, dims=dims)
+
+
+def _versions(model_dir: Path, config: mc.ModelConfig, filename: str) -> dict[int, Path]:
+    on_disk = {
+        int(p.name): p / filename
+        for p in model_dir.iterdir()
+        if p.is_dir() and p.name.isdigit() and int(p.name) > 0 and (p / filename).is_file()
+    }
+    policy = config.version_policy
+    kind = policy.WhichOneof("policy_choice") or "latest"
+    if kind == "all":
+        chosen = sorted(on_disk)
+    elif kind == "specific":
+        chosen = sorted(v for v in policy.specific.versions if v in on_disk)
+    else:
+        n = policy.latest.num_versions if kind == "latest" and policy.latest.num_versions else 1
+        chosen = sorted(on_disk)[-n:]
+    return {v: on_disk[v] for v in chosen}
+
+
+def read_model(model_dir: Path) -> ModelSpec:
+    """Parse one model directory; problems land in ``error``, never raise."""
+    name = model_dir.name
+    config = mc.ModelConfig()
+    cfg_path = model_dir / "config.pbtxt"
+
+    def failed(reason: str) -> ModelSpec:
+        log.warning("model %s is unavailable: %s", name, reason)
+        return ModelSpec(name, config.platform, 0, (), (), (), {}, config, error=reason)
+
+    if not cfg_path.is_file():
+        return failed(f"{cfg_path} is missing")
+    try:
+        text_format.Parse(cfg_path.read_text(), config)
+    except (text_format.ParseError, UnicodeDecodeError) as e:
+        return failed(f"{cfg_path}: {e}")
+    if config.name and config.name != name:
+        return failed(f"{cfg_path}: name '{config.name}' does not match directory '{name}'")
+    config.name = name
+    if config.platform not in SUPPORTED_PLATFORMS and config.backend not in SUPPORTED_BACKENDS - {""}:
+        return failed(
+            f"{cfg_path}: platform '{config.platform or config.backend}' is not supported "
+            "(modelpool serves pytorch_libtorch TorchScript models)"
+        )
+    if not config.platform:
+        config.platform = "pytorch_libtorch"
+    if config.max_batch_size < 0:
+        return failed(f"{cfg_path}: max_batch_size must be >= 0")
+    try:
+        inputs = tuple(_tensor(t, "input") for t in config.input)
+        outputs = tuple(_tensor(t, "output") for t in config.output)
+    except ValueError as e:
+        return failed(f"{cfg_path}: {e}")
+    if not inputs or not outputs:
+        return failed(f"{cfg_path}: a model needs at least one input and one output")
+    filename = config.default_model_filename or DEFAULT_FILENAME
+    if "/" in filename or filename.startswith("."):
+        return failed(f"{cfg_path}: default_model_filename '{filename}' is not a file name")
+    artifacts = _versions(model_dir, config, filename)
+    if not artifacts:
+        return failed(f"{model_dir}: no version directory holds {filename} under the version policy")
+    return ModelSpec(
+        name=name,
+        platform=config.platform,
+        max_batch_size=config.max_batch_size,
+        inputs=inputs,
+        outputs=outputs,
+        versions=tuple(sorted(artifacts)),
+        artifacts=artifacts,
+        config=config,
+    )

@@ -1,0 +1,249 @@
+"""The torch side of a worker: load TorchScript models, run them, measure what they hold.
+
+Inference runs on a thread pool (torch releases the GIL in its kernels) so the worker's
+event loop keeps answering health checks and other models while one computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tritonclient.grpc import service_pb2 as pb
+
+from gpu.repository import ModelRepository, ModelSpec
+from gpu.tensors import NUMPY_DTYPES, datatype_of
+from placement.errors import (
+    InferenceError,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotReady,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+_TORCH_TO_WIRE = {
+    torch.bool: "BOOL",
+    torch.uint8: "UINT8",
+    torch.int8: "INT8",
+    torch.int16: "INT16",
+    torch.int32: "INT32",
+    torch.int64: "INT64",
+    torch.float16: "FP16",
+    torch.float32: "FP32",
+    torch.float64: "FP64",
+}
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    version: int
+    module: torch.jit.ScriptModule
+    footprint_bytes: int
+    peak_bytes: int
+    load_seconds: float
+    last_used: float = field(default_factory=time.time)
+    inflight: int = 0
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers, shared storages counted once."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+class ModelRuntime:
+    """Models resident on one device. Thread-safe for concurrent infer calls; loads and
+    unloads are serialised by the caller per model."""
+
+    def __init__(self, repository: ModelRepository, device: str, threads: int | None = None) -> None:
+        self.repository = repository
+        self.device = torch.device(device)
+        self.models: dict[tuple[str, int], LoadedModel] = {}
+        self._lock = threading.Lock()
+        if threads:
+            torch.set_num_threads(threads)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def load(self, name: str, version: int) -> LoadedModel:
+        """Load ``name``/``version`` (no-op if resident). Raises ModelLoadError with the
+        file and the reason; memory taken by a failed load is released."""
+        key = (name, version)
+        if key in self.models:
+            return self.models[key]
+        self.repository.refresh(name)
+        spec = self.repository.get(name)
+        version = spec.resolve_version(version)
+        path = spec.artifacts[version]
+        cuda = self.device.type == "cuda"
+        start = time.perf_counter()
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            module = torch.jit.load(str(path), map_location=self.device)
+            module.eval()
+        except torch.OutOfMemoryError as e:
+            self._release()
+            raise ModelLoadError(f"model '{name}' version {version}: out of device memory: {e}") from e
+        except Exception as e:  # torch raises RuntimeError/ValueError/zip errors for bad files
+            self._release()
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ModelLoadError(f"model '{name}': cannot load {path}: {reason}") from e
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            footprint = torch.cuda.memory_allocated(self.device) - before
+            peak = torch.cuda.max_memory_allocated(self.device) - before
+        else:
+            footprint = peak = _module_bytes(module)
+        loaded = LoadedModel(
+            spec=spec,
+            version=version,
+            module=module,
+            footprint_bytes=max(footprint, 1),
+            peak_bytes=max(peak, footprint, 1),
+            load_seconds=time.perf_counter() - start,
+        )
+        with self._lock:
+            self.models[key] = loaded
+        log.info(
+            "loaded model=%s version=%s device=%s footprint=%d load_s=%.3f",
+            name, version, self.device, loaded.footprint_bytes, loaded.load_seconds,
+        )
+        return loaded
+
+    def unload(self, name: str, version: int) -> int:
+        """Drop a copy; returns the bytes it held. Refuses while requests are in flight."""
+        with self._lock:
+            loaded = self.models.get((name, version))
+            if loaded is None:
+                return 0
+            if loaded.inflight:
+                raise Unavailable(
+                    f"model '{name}' version {version} has {loaded.inflight} requests in flight"
+                )
+            del self.models[(name, version)]
+        freed = loaded.footprint_bytes
+        del loaded
+        self._release()
+        log.info("unloaded model=%s version=%s freed=%d", name, version, freed)
+        return freed
+
+    def _release(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def ours_bytes(self) -> int:
+        return sum(m.footprint_bytes for m in self.models.values())
+
+    # -- inference -------------------------------------------------------------------
+    def get(self, name: str, version: int) -> LoadedModel:
+        loaded = self.models.get((name, version))
+        if loaded is None:
+            raise ModelNotReady(f"model '{name}' version {version} is not loaded on this worker")
+        return loaded
+
+    def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """Run one request. Inputs arrive as raw little-endian bytes (the gateway
+        normalises typed contents), go to forward() in config order, and outputs come
+        back as raw bytes in config order."""
+        version = int(request.model_version) if request.model_version else 0
+        if not version:
+            version = max((v for (n, v) in self.models if n == request.model_name), default=0)
+        loaded = self.get(request.model_name, version)
+        spec = loaded.spec
+        with self._lock:
+            loaded.inflight += 1
+            loaded.last_used = time.time()
+        try:
+            args = self._inputs(spec, request)
+            try:
+                with torch.inference_mode():
+                    result = loaded.module(*args)
+            except torch.OutOfMemoryError as e:
+                self._release()
+                raise Unavailable(f"model '{spec.name}': out of device memory during inference") from e
+            except Exception as e:  # a model's own error must never take the worker down
+                msg = str(e).strip().splitlines()
+                raise InferenceError(
+                    f"model '{spec.name}' failed on this input: {msg[-1] if msg else type(e).__name__}"
+                ) from e
+            return self._outputs(spec, loaded.version, request, result)
+        finally:
+            with self._lock:
+                loaded.inflight -= 1
+
+    def _inputs(self, spec: ModelSpec, request: pb.ModelInferRequest) -> list[torch.Tensor]:
+        by_name = {t.name: i for i, t in enumerate(request.inputs)}
+        if len(request.raw_input_contents) != len(request.inputs):
+            raise InvalidInput(
+                f"model '{spec.name}': {len(request.inputs)} inputs but "
+                f"{len(request.raw_input_contents)} raw_input_contents"
+            )
+        args = []
+        for t in spec.inputs:
+            i = by_name.get(t.name)
+            if i is None:
+                raise InvalidInput(f"model '{spec.name}': input '{t.name}' is missing")
+            shape = tuple(request.inputs[i].shape)
+            raw = request.raw_input_contents[i]
+            dtype = NUMPY_DTYPES[t.datatype]
+            if len(raw) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+                raise InvalidInput(
+                    f"model '{spec.name}': input '{t.name}' has {len(raw)} bytes, "
+                    f"shape {list(shape)} of {t.datatype} needs "
+                    f"{int(np.prod(shape, dtype=np.int64)) * dtype.itemsize}"
+                )
+            array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+            with warnings.catch_warnings():
+                # Read-only protobuf bytes: inference never writes its inputs, and a
+                # copy per request would cost more than the warning is worth.
+                warnings.simplefilter("ignore", UserWarning)
+                tensor = torch.from_numpy(array)
+            args.append(tensor.to(self.device, non_blocking=True))
+        return args
+
+    def _outputs(
+        self, spec: ModelSpec, version: int, request: pb.ModelInferRequest, result: object
+    ) -> pb.ModelInferResponse:
+        tensors = list(result) if isinstance(result, (tuple, list)) else [result]
+        if len(tensors) != len(spec.outputs) or not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise InferenceError(
+                f"model '{spec.name}' returned {len(tensors)} values; its config declares "
+                f"{len(spec.outputs)} tensor outputs"
+            )
+        wanted = {o.name for o in request.outputs} or {o.name for o in spec.outputs}
+        response = pb.ModelInferResponse(
+            model_name=spec.name, model_version=str(version), id=request.id
+        )
+        for out_spec, tensor in zip(spec.outputs, tensors, strict=True):
+            if out_spec.name not in wanted:
+                continue
+            array = tensor.detach().to("cpu").contiguous().numpy()
+            wire = datatype_of(array) if array.dtype.kind != "O" else "?"
+            if wire != out_spec.datatype:
+                raise InferenceError(
+                    f"model '{spec.name}': output '{out_spec.name}' is {wire}, "
+                    f"config declares {out_spec.datatype}"
+                )
+            out = response.outputs.add()
+            out.name = out_spec.name
+            out.datatype = wire
+            out.shape.extend(array.shape)
+            response.raw_output_contents.append(array.tobytes())
+        return response

@@ -1,0 +1,231 @@
+"""``modelpool worker``: one process hosting many models on one device, over gRPC.
+
+It speaks Triton's GRPCInferenceService for inference and the repository extension
+(so tritonclient can call a worker directly, and the gateway forwards ModelInfer
+without re-encoding tensors), plus the JSON control methods of ``gpu.protocol``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from gpu import protocol
+from gpu.memory import MemoryProbe, probe_for
+from gpu.repository import ModelRepository
+from placement.errors import InvalidInput, ModelpoolError, ModelNotFound, ModelNotReady, Unavailable
+
+log = logging.getLogger(__name__)
+
+READY_LINE = "MODELPOOL_WORKER_READY"
+
+#: Which gRPC status each typed error travels as; the class name rides along in the
+#: trailing metadata so the gateway re-raises the exact type.
+GRPC_CODES: dict[type[ModelpoolError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    ModelNotReady: grpc.StatusCode.FAILED_PRECONDITION,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def grpc_code(err: ModelpoolError) -> grpc.StatusCode:
+    for cls in type(err).__mro__:
+        if cls in GRPC_CODES:
+            return GRPC_CODES[cls]  # type: ignore[index]
+    return grpc.StatusCode.INVALID_ARGUMENT
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model_repository: str
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 0
+    device_memory_budget: int | None = None
+    worker_id: str | None = None
+    threads: int | None = None
+    max_message_bytes: int = 1 << 30
+    advertise: str | None = None
+    redis_url: str | None = None
+
+
+R = TypeVar("R")
+
+
+class Worker(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, config: WorkerConfig) -> None:
+        from gpu.runtime import ModelRuntime  # torch import: only in the worker process
+
+        self.config = config
+        self.worker_id = config.worker_id or f"{os.uname().nodename}-{os.getpid()}"
+        self.repository = ModelRepository(config.model_repository)
+        self.runtime = ModelRuntime(self.repository, config.device, config.threads)
+        self.probe: MemoryProbe = probe_for(config.device, config.device_memory_budget)
+        # Loads get their own thread so a long load never queues behind inference.
+        self._infer_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(2, config.threads or 2), thread_name_prefix="infer"
+        )
+        self._load_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="load"
+        )
+        self._load_locks: dict[tuple[str, int], asyncio.Lock] = {}
+
+    async def _run(self, pool: concurrent.futures.Executor, fn: Callable[..., R], *args: Any) -> R:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    # -- control (JSON) --------------------------------------------------------------
+    async def load(self, req: protocol.LoadRequest) -> protocol.LoadResult:
+        key = (req.model, req.version)
+        lock = self._load_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            loaded = await self._run(self._load_pool, self.runtime.load, req.model, req.version)
+        return protocol.LoadResult(
+            model=req.model,
+            version=loaded.version,
+            footprint_bytes=loaded.footprint_bytes,
+            peak_bytes=loaded.peak_bytes,
+            load_seconds=loaded.load_seconds,
+        )
+
+    async def unload(self, req: protocol.UnloadRequest) -> protocol.UnloadResult:
+        freed = await self._run(self._load_pool, self.runtime.unload, req.model, req.version)
+        return protocol.UnloadResult(model=req.model, version=req.version, freed_bytes=freed)
+
+    async def status(self, _req: object = None) -> protocol.WorkerStatus:
+        copies = tuple(
+            protocol.CopyStatus(
+                model=m.spec.name,
+                version=m.version,
+                footprint_bytes=m.footprint_bytes,
+                peak_bytes=m.peak_bytes,
+                load_seconds=m.load_seconds,
+                inflight=m.inflight,
+                last_used=m.last_used,
+            )
+            for m in list(self.runtime.models.values())
+        )
+        return protocol.WorkerStatus(
+            worker_id=self.worker_id,
+            device=self.config.device,
+            pid=os.getpid(),
+            memory=self.probe.read(self.runtime.ours_bytes()),
+            copies=copies,
+        )
+
+    # -- Triton GRPCInferenceService subset --------------------------------------------
+    async def ServerLive(self, request, context):  # noqa: N802 - gRPC method names
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):  # noqa: N802
+        return pb.ServerReadyResponse(ready=True)
+
+    async def ModelReady(self, request, context):  # noqa: N802
+        version = int(request.version) if request.version else None
+        ready = any(n == request.name and (version is None or v == version) for n, v in self.runtime.models)
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ModelInfer(self, request, context):  # noqa: N802
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            # Answer an expired request before touching the device.
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before compute")
+        return await self._guard(context, self._run(self._infer_pool, self.runtime.infer, request))
+
+    async def RepositoryModelLoad(self, request, context):  # noqa: N802
+        await self._guard(context, self.load(protocol.LoadRequest(request.model_name, 0)))
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):  # noqa: N802
+        for name, version in [k for k in self.runtime.models if k[0] == request.model_name]:
+            await self._guard(context, self.unload(protocol.UnloadRequest(name, version)))
+        return pb.RepositoryModelUnloadResponse()
+
+    async def RepositoryIndex(self, request, context):  # noqa: N802
+        resp = pb.RepositoryIndexResponse()
+        for name, version in sorted(self.runtime.models):
+            resp.models.add(name=name, version=str(version), state="READY")
+        return resp
+
+    async def _guard(self, context: grpc.aio.ServicerContext, call: Awaitable[R]) -> R:
+        """Run ``call``; a typed error becomes a gRPC status carrying its class name."""
+        try:
+            return await call
+        except ModelpoolError as e:
+            await context.abort(
+                grpc_code(e), e.message, trailing_metadata=((protocol.ERROR_CLASS_KEY, type(e).__name__),)
+            )
+            raise  # unreachable: abort raises
+
+    def control_handler(self) -> grpc.GenericRpcHandler:
+        def unary(
+            fn: Callable[[Any], Awaitable[Any]], req_cls: type
+        ) -> grpc.RpcMethodHandler:
+            async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await self._guard(context, fn(request))
+
+            return grpc.unary_unary_rpc_method_handler(
+                handle, request_deserializer=protocol.decoder(req_cls), response_serializer=protocol.encode
+            )
+
+        return grpc.method_handlers_generic_handler(
+            protocol.SERVICE,
+            {
+                "Load": unary(self.load, protocol.LoadRequest),
+                "Unload": unary(self.unload, protocol.UnloadRequest),
+                "Status": unary(self.status, dict),
+            },
+        )
+
+
+def _exit_with_parent() -> None:
+    """Die with the supervisor: a gateway killed -9 must not leave workers behind."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:
+        os._exit(0)
+
+
+async def serve_worker(config: WorkerConfig, exit_with_parent: bool = False) -> None:
+    if exit_with_parent:
+        _exit_with_parent()
+    worker = Worker(config)
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(worker, server)
+    server.add_generic_rpc_handlers((worker.control_handler(),))
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise SystemExit(f"worker: cannot listen on {config.host}:{config.port}")
+    await server.start()
+    address = config.advertise or f"{config.host}:{port}"
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker %s serving on %s device=%s", worker.worker_id, address, config.device)
+    # The supervisor reads this line to learn the port and the id.
+    print(f"{READY_LINE} address={address} worker_id={worker.worker_id} pid={os.getpid()}", flush=True)
+    started = time.monotonic()
+    await stop.wait()
+    log.info("worker %s stopping after %.0fs", worker.worker_id, time.monotonic() - started)
+    await server.stop(grace=2.0)
