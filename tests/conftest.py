@@ -1,0 +1,139 @@
+"""Fixtures that start the real ``modelpool`` processes on ephemeral ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_RE = re.compile(r"modelpool ready http=(\d+) grpc=(\d+) metrics=(\d+)")
+
+
+@dataclass
+class Served:
+    """A running ``modelpool serve``: its ports, process and log."""
+
+    proc: subprocess.Popen[str]
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+    repo: Path
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample (0.0 when absent), parsed from a real scrape."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+        return 0.0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def worker_pids(self) -> list[int]:
+        return child_pids(self.proc.pid)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                for pid in self.worker_pids():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def child_pids(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def start_serve(repo: Path, log_path: Path, *args: str, timeout: float = 90.0) -> Served:
+    env = dict(os.environ, MODELPOOL_FORCE_CPU="1", PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable, "-m", "gateway.cli", "serve",
+        "--model-repository", str(repo),
+        "--host", "127.0.0.1",
+        "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
+        "--threads", "1",
+        *args,
+    ]  # fmt: skip
+    log = log_path.open("w")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, env=env)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        m = READY_RE.search(line)
+        if m:
+            return Served(proc, int(m[1]), int(m[2]), int(m[3]), log_path, repo)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"modelpool serve did not start:\n{log_path.read_text()}")
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator:
+    """Factory: ``serve(repo, *args)`` starts ``modelpool serve``; all stop at teardown."""
+    started: list[Served] = []
+
+    def start(repo: Path, *args: str) -> Served:
+        s = start_serve(repo, tmp_path / f"serve-{len(started)}.log", *args)
+        started.append(s)
+        return s
+
+    yield start
+    for s in reversed(started):
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def example_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded example repository, generated once per test session."""
+    from gpu.examples import write_examples
+
+    out = tmp_path_factory.mktemp("examples")
+    write_examples(out, count=8, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def served_examples(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """One shared server over the example repository, for read-mostly tests."""
+    log = tmp_path_factory.mktemp("served") / "serve.log"
+    s = start_serve(example_repo, log, "--device-memory-budget", "1GiB")
+    yield s
+    s.stop()
