@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tritonclient.grpc import model_config_pb2 as mc
@@ -16,6 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from cache.records import CopyState
 from cache.view import ResidencyView
+from gateway.errors import outcome_of
 from gateway.metrics import UNKNOWN_MODEL, Metrics
 from gateway.placer import Placer
 from gateway.validate import contents_to_raw, validate_request
@@ -108,16 +110,24 @@ class DataPlane:
         return True
 
     # -- inference ---------------------------------------------------------------------
-    async def infer(self, request: pb.ModelInferRequest, protocol: str) -> InferOutcome:
-        """Validate, find or load a copy, forward. Counts the request exactly once."""
+    async def infer(
+        self,
+        request: pb.ModelInferRequest | Callable[[], pb.ModelInferRequest],
+        protocol: str,
+        model: str | None = None,
+    ) -> InferOutcome:
+        """Validate, find or load a copy, forward. Counts the request exactly once.
+
+        ``request`` may be a parser (REST) so that a body that does not parse is counted
+        under its model like any other failed request; ``model`` names it then.
+        """
         started = time.monotonic()
-        label = self.model_label(request.model_name)
+        label = self.model_label(model if model is not None else getattr(request, "model_name", ""))
         self.metrics.inflight.inc()
         try:
-            outcome = await self._infer(request, label, started)
+            parsed = request() if callable(request) else request
+            outcome = await self._infer(parsed, label, started)
         except BaseException as e:
-            from gateway.errors import outcome_of
-
             self.metrics.requests.labels(label, protocol, outcome_of(e)).inc()
             raise
         finally:

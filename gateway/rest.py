@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from tritonclient.grpc import service_pb2 as pb
 
 from gateway.dataplane import DataPlane
 from gateway.errors import retry_after, status_of
@@ -80,14 +81,22 @@ async def infer(request: web.Request) -> web.Response:
     dp = request.app[DATAPLANE]
     try:
         body = await request.read()
-    except web.HTTPRequestEntityTooLarge as e:
-        raise PayloadTooLarge(
-            f"model '{name}': request body is over the {request.app[MAX_BODY]}-byte limit "
-            f"(--max-request-size): {e.text}"
-        ) from None
-    dp.spec(name, version)  # 404 for an unknown model before any parsing
-    parsed, doc = parse_infer(name, version, body, request.headers.get(HEADER_LENGTH))
-    outcome = await dp.infer(parsed, protocol="http")
+    except web.HTTPRequestEntityTooLarge:
+        body = None
+    doc: dict = {}
+
+    def parse() -> pb.ModelInferRequest:
+        nonlocal doc
+        dp.spec(name, version)  # 404 for an unknown model before any parsing
+        if body is None:
+            raise PayloadTooLarge(
+                f"model '{name}': request body is over the {request.app[MAX_BODY]}-byte limit "
+                "(--max-request-size)"
+            )
+        parsed, doc = parse_infer(name, version, body, request.headers.get(HEADER_LENGTH))
+        return parsed
+
+    outcome = await dp.infer(parse, protocol="http", model=name)
     payload, header_length = render_infer(outcome.response, doc)
     if header_length is None:
         return web.Response(body=payload, content_type="application/json")
