@@ -86,7 +86,9 @@ class ResidencyStore(ABC):
         """Record last-use times (seconds since the epoch), batched by the caller."""
 
     @abstractmethod
-    def load_lock(self, model: str, version: int, timeout_s: float) -> contextlib.AbstractAsyncContextManager[int]:
+    def load_lock(
+        self, model: str, version: int, timeout_s: float
+    ) -> contextlib.AbstractAsyncContextManager[int]:
         """Hold the cluster-wide load lock of a model version; yields a fencing token
         that grows with every acquisition. Raises Unavailable after ``timeout_s``."""
 
@@ -107,7 +109,9 @@ class InMemoryStore(ResidencyStore):
         self._tokens = itertools.count(1)
 
     async def snapshot(self) -> Snapshot:
-        return Snapshot(list(self._workers.values()), list(self._devices.values()), list(self._copies.values()))
+        return Snapshot(
+            list(self._workers.values()), list(self._devices.values()), list(self._copies.values())
+        )
 
     async def register_worker(self, worker: WorkerRecord) -> None:
         self._workers[worker.worker_id] = worker

@@ -36,11 +36,18 @@ def _add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument(
-        "--max-request-size", type=_size, default=64 << 20, help="largest request body (default 64MiB)"
+        "--max-request-size",
+        type=_size,
+        default=64 << 20,
+        help="largest request body (default 64MiB)",
     )
-    p.add_argument("--infer-timeout", type=float, default=60.0, help="seconds per forwarded request")
+    p.add_argument(
+        "--infer-timeout", type=float, default=60.0, help="seconds per forwarded request"
+    )
     p.add_argument("--load-timeout", type=float, default=300.0, help="seconds per model load")
-    p.add_argument("--min-residency", type=float, default=0.0, help="seconds before a new copy may be evicted")
+    p.add_argument(
+        "--min-residency", type=float, default=0.0, help="seconds before a new copy may be evicted"
+    )
     p.add_argument("--log-level", default="INFO")
 
 
@@ -52,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="gateway and local workers on one machine")
     _add_gateway_args(serve)
-    serve.add_argument("--workers", type=int, default=1, help="worker processes per device (default 1)")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="worker processes per device (default 1)"
+    )
     serve.add_argument(
         "--device-memory-budget",
         type=_size,
@@ -60,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory models may use on each device, shared by its workers: 4GiB, 512MB or bytes "
         "(default: 2GiB on CPU, the device's memory on a GPU)",
     )
-    serve.add_argument("--devices", default="auto", help="auto (CUDA if present), cpu, or cuda:0,cuda:1")
+    serve.add_argument(
+        "--devices", default="auto", help="auto (CUDA if present), cpu, or cuda:0,cuda:1"
+    )
     serve.add_argument("--threads", type=int, default=None, help="torch threads per worker")
 
     worker = sub.add_parser("worker", help="one worker process hosting many models on a device")
@@ -155,7 +166,9 @@ async def _serve(args: argparse.Namespace) -> int:
         SupervisorConfig(
             model_repository=gateway.repository.root.as_posix(),
             node=node,
-            device_memory_budget=budget if budget is not None or "cpu" not in devices else cpu_budget,
+            device_memory_budget=budget
+            if budget is not None or "cpu" not in devices
+            else cpu_budget,
             threads=args.threads,
             log_level=args.log_level,
             max_message_bytes=max(config.max_request_bytes, 1 << 30),
@@ -175,7 +188,11 @@ async def _serve(args: argparse.Namespace) -> int:
         await gateway.poll_once()
         log.info(
             "serving %d models from %s on %s with %d worker(s) on %s",
-            len(gateway.repository.names()), gateway.repository.root, config.host, len(slots), ",".join(devices),
+            len(gateway.repository.names()),
+            gateway.repository.root,
+            config.host,
+            len(slots),
+            ",".join(devices),
         )
         print(ready_line(ports), flush=True)
         await stop.wait()

@@ -34,6 +34,8 @@ class GatewayConfig:
         for name in ("http_port", "grpc_port", "metrics_port"):
             port = getattr(self, name)
             if not 0 <= port < 65536:
-                raise ValueError(f"--{name.replace('_', '-')} {port} is not a port number (0-65535)")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {port} is not a port number (0-65535)"
+                )
         if self.max_request_bytes <= 0:
             raise ValueError("--max-request-size must be positive")

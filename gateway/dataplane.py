@@ -7,10 +7,12 @@ https://github.com/triton-inference-server/server/blob/main/docs/protocol/extens
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
@@ -28,7 +30,12 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "modelpool"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ("binary_tensor_data", "model_repository", "model_repository(unload_dependents)", "statistics")
+EXTENSIONS = (
+    "binary_tensor_data",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "statistics",
+)
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,9 @@ class DataPlane:
         return self.ready and bool(self.view.workers)
 
     def server_metadata(self) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS))
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=SERVER_VERSION, extensions=list(EXTENSIONS)
+        )
 
     # -- models ------------------------------------------------------------------------
     def spec(self, name: str, version: str | int | None = None) -> tuple[ModelSpec, int]:
@@ -136,7 +145,9 @@ class DataPlane:
         self.metrics.requests.labels(label, protocol, "success").inc()
         return outcome
 
-    async def _infer(self, request: pb.ModelInferRequest, label: str, started: float) -> InferOutcome:
+    async def _infer(
+        self, request: pb.ModelInferRequest, label: str, started: float
+    ) -> InferOutcome:
         spec, version = self.spec(request.model_name, request.model_version)
         contents_to_raw(request)
         validate_request(spec, request)
@@ -157,13 +168,51 @@ class DataPlane:
                 self.placer.forget_worker_copy(got.copy.key)
                 if attempt == 2:
                     raise
-                log.warning("worker %s lost mid-request for model=%s; retrying", got.copy.worker_id, spec.name)
+                log.warning(
+                    "worker %s lost mid-request for model=%s; retrying",
+                    got.copy.worker_id,
+                    spec.name,
+                )
                 continue
             finally:
                 self.placer.release(got)
             self.metrics.compute_duration.labels(label).observe(time.monotonic() - compute_started)
             return InferOutcome(response, cold)
         raise AssertionError("unreachable")
+
+    # -- operator view -----------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """The JSON behind ``GET /v2/modelpool/status`` and ``modelpool status``: workers,
+        devices (bytes) and every copy this gateway knows of."""
+        copies = self.view.all_copies()
+        return {
+            "server": {
+                "name": SERVER_NAME,
+                "version": SERVER_VERSION,
+                "models": len(self.repository.names()),
+            },
+            "workers": [
+                dataclasses.asdict(w)
+                for w in sorted(self.view.workers.values(), key=lambda w: w.worker_id)
+            ],
+            "devices": [
+                {**dataclasses.asdict(d), "used_other_bytes": d.used_other_bytes}
+                for d in sorted(self.view.devices.values(), key=lambda d: d.device_id)
+            ],
+            "copies": [
+                {
+                    "model": c.model,
+                    "version": c.version,
+                    "worker_id": c.worker_id,
+                    "state": c.state.value,
+                    "footprint_bytes": c.footprint_bytes,
+                    "last_used": c.last_used,
+                    "loaded_at": c.loaded_at,
+                    "inflight": c.inflight,
+                }
+                for c in sorted(copies, key=lambda c: (-c.last_used, c.model))
+            ],
+        }
 
     # -- repository extension ------------------------------------------------------------
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
@@ -175,7 +224,11 @@ class DataPlane:
                     entries.append(IndexEntry(spec.name, "", "UNAVAILABLE", spec.error))
                 continue
             for v in spec.versions:
-                states = {c.state for c in self.view.all_copies() if c.model == spec.name and c.version == v}
+                states = {
+                    c.state
+                    for c in self.view.all_copies()
+                    if c.model == spec.name and c.version == v
+                }
                 failure = self.placer.failures.get((spec.name, v))
                 if CopyState.READY in states:
                     entries.append(IndexEntry(spec.name, str(v), "READY", ""))
@@ -187,7 +240,9 @@ class DataPlane:
                     entries.append(IndexEntry(spec.name, str(v), "UNAVAILABLE", failure.reason))
                 else:
                     entries.append(
-                        IndexEntry(spec.name, str(v), "UNAVAILABLE", "unloaded: loads on first request")
+                        IndexEntry(
+                            spec.name, str(v), "UNAVAILABLE", "unloaded: loads on first request"
+                        )
                     )
         return entries
 

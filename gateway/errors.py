@@ -32,7 +32,7 @@ TABLE: dict[type[ModelpoolError], tuple[int, grpc.StatusCode]] = {
 def status_of(err: ModelpoolError) -> tuple[int, grpc.StatusCode]:
     for cls in type(err).__mro__:
         if cls in TABLE:
-            return TABLE[cls]  # type: ignore[index]
+            return TABLE[cls]
     return 500, grpc.StatusCode.INTERNAL
 
 

@@ -24,11 +24,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane) -> None:
         self.dp = dataplane
 
-    async def _guard(self, context: grpc.aio.ServicerContext, call: Awaitable[T] | T) -> T:
+    async def _guard(self, context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
+        """Await ``call``; a typed error becomes its status code (Retry-After in the
+        trailing metadata for 503s), anything else an INTERNAL that is logged as a bug."""
         try:
-            if isinstance(call, Awaitable):
-                return await call
-            return call
+            return await call
         except ModelpoolError as e:
             _, code = status_of(e)
             after = retry_after(e)
@@ -37,58 +37,66 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
         except Exception:
             log.exception("bug: unhandled error in gRPC call")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error (a bug): see the gateway log")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, "internal error (a bug): see the gateway log"
+            )
             raise
 
-    async def ServerLive(self, request, context):  # noqa: N802 - gRPC method names
+    async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=self.dp.live())
 
-    async def ServerReady(self, request, context):  # noqa: N802
+    async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self.dp.server_ready())
 
-    async def ServerMetadata(self, request, context):  # noqa: N802
+    async def ServerMetadata(self, request, context):
         return self.dp.server_metadata()
 
-    async def ModelReady(self, request, context):  # noqa: N802
+    async def ModelReady(self, request, context):
         def check() -> pb.ModelReadyResponse:
             self.dp.spec(request.name, request.version)
             return pb.ModelReadyResponse(ready=self.dp.model_ready(request.name, request.version))
 
         return await self._guard(context, _call(check))
 
-    async def ModelMetadata(self, request, context):  # noqa: N802
-        return await self._guard(context, _call(self.dp.model_metadata, request.name, request.version))
+    async def ModelMetadata(self, request, context):
+        return await self._guard(
+            context, _call(self.dp.model_metadata, request.name, request.version)
+        )
 
-    async def ModelConfig(self, request, context):  # noqa: N802
+    async def ModelConfig(self, request, context):
         def config() -> pb.ModelConfigResponse:
-            return pb.ModelConfigResponse(config=self.dp.model_config(request.name, request.version))
+            return pb.ModelConfigResponse(
+                config=self.dp.model_config(request.name, request.version)
+            )
 
         return await self._guard(context, _call(config))
 
-    async def ModelInfer(self, request, context):  # noqa: N802
+    async def ModelInfer(self, request, context):
         outcome = await self._guard(context, self.dp.infer(request, protocol="grpc"))
         return outcome.response
 
-    async def RepositoryIndex(self, request, context):  # noqa: N802
+    async def RepositoryIndex(self, request, context):
         resp = pb.RepositoryIndexResponse()
         for e in self.dp.repository_index(request.ready):
             resp.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
         return resp
 
-    async def RepositoryModelLoad(self, request, context):  # noqa: N802
+    async def RepositoryModelLoad(self, request, context):
         await self._guard(context, self.dp.load_model(request.model_name))
         return pb.RepositoryModelLoadResponse()
 
-    async def RepositoryModelUnload(self, request, context):  # noqa: N802
+    async def RepositoryModelUnload(self, request, context):
         await self._guard(context, self.dp.unload_model(request.model_name))
         return pb.RepositoryModelUnloadResponse()
 
 
-async def _call(fn, *args):  # noqa: ANN001, ANN202 - adapts a sync DataPlane call
+async def _call(fn, *args):
     return fn(*args)
 
 
-def create_grpc_server(dataplane: DataPlane, address: str, max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
+def create_grpc_server(
+    dataplane: DataPlane, address: str, max_message_bytes: int
+) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),

@@ -133,7 +133,9 @@ class Placer:
             if got is not None:
                 return dataclasses.replace(got, cold=True)
             if time.monotonic() >= deadline:
-                raise Unavailable(f"model '{model}': no copy became ready in time", retry_after_s=2.0)
+                raise Unavailable(
+                    f"model '{model}': no copy became ready in time", retry_after_s=2.0
+                )
 
     def _check_failed(self, model: str, version: int) -> None:
         failure = self.failures.get((model, version))
@@ -174,7 +176,9 @@ class Placer:
                 if self.view.ready_copies(model, version):
                     return
                 async with self._plan_lock:
-                    plan = pol.plan_lru(self._cluster_view(model, version), self._request(model, version))
+                    plan = pol.plan_lru(
+                        self._cluster_view(model, version), self._request(model, version)
+                    )
                     if isinstance(plan, pol.Load):
                         victims = self._claim_victims(plan.evict)
                         if victims is None:
@@ -226,7 +230,9 @@ class Placer:
             await self.evict(victim, reason="capacity")
         worker = self.view.workers.get(plan.worker_id)
         if worker is None:
-            raise Unavailable(f"model '{model}': worker {plan.worker_id} went away", retry_after_s=1.0)
+            raise Unavailable(
+                f"model '{model}': worker {plan.worker_id} went away", retry_after_s=1.0
+            )
         device = self.view.devices.get(plan.device_id)
         capacity = device.total_bytes - device.used_other_bytes if device else plan.reserve_bytes
         now = time.time()
@@ -240,7 +246,9 @@ class Placer:
             loaded_at=now,
         )
         if not await self.store.reserve(reservation, plan.device_id, capacity):
-            raise Unavailable(f"model '{model}': device {plan.device_id} filled up meanwhile", retry_after_s=0.5)
+            raise Unavailable(
+                f"model '{model}': device {plan.device_id} filled up meanwhile", retry_after_s=0.5
+            )
         client = self.clients.get(worker.worker_id, worker.address)
         started = time.monotonic()
         try:
@@ -271,7 +279,11 @@ class Placer:
         )
         log.info(
             "placed model=%s version=%d worker=%s footprint=%d load_s=%.3f",
-            model, version, worker.worker_id, result.footprint_bytes, elapsed,
+            model,
+            version,
+            worker.worker_id,
+            result.footprint_bytes,
+            elapsed,
         )
 
     async def evict(self, copy: CopyView, reason: str) -> None:
@@ -292,7 +304,13 @@ class Placer:
             raise
         await self.store.remove_copy(copy.key)
         self.metrics.evictions.labels(copy.model, reason).inc()
-        log.info("evicted model=%s version=%d worker=%s reason=%s", copy.model, copy.version, copy.worker_id, reason)
+        log.info(
+            "evicted model=%s version=%d worker=%s reason=%s",
+            copy.model,
+            copy.version,
+            copy.worker_id,
+            reason,
+        )
 
     async def unload_model(self, model: str, timeout_s: float) -> int:
         """Unload every copy of ``model`` once its requests finish (Triton's unload)."""
@@ -302,7 +320,9 @@ class Placer:
             mine = [c for c in self.view.all_copies() if c.model == model]
             if not mine:
                 return count
-            idle = [c for c in mine if c.state == CopyState.READY and not self.view.inflight.get(c.key)]
+            idle = [
+                c for c in mine if c.state == CopyState.READY and not self.view.inflight.get(c.key)
+            ]
             for c in idle:
                 claimed = self._claim_victims((c,))
                 if claimed:
@@ -315,7 +335,9 @@ class Placer:
 
     # -- views -------------------------------------------------------------------------
     def _request(self, model: str, version: int) -> pol.PlacementRequest:
-        return pol.PlacementRequest(model, version, now=time.time(), min_residency_s=self.min_residency_s)
+        return pol.PlacementRequest(
+            model, version, now=time.time(), min_residency_s=self.min_residency_s
+        )
 
     def model_info(self, model: str, version: int) -> ModelInfo:
         spec = self.repository.get(model)
@@ -332,7 +354,8 @@ class Placer:
         infos = {model: self.model_info(model, version)}
         return ClusterView(
             devices=tuple(
-                DeviceView(d.device_id, d.total_bytes, d.used_other_bytes) for d in self.view.devices.values()
+                DeviceView(d.device_id, d.total_bytes, d.used_other_bytes)
+                for d in self.view.devices.values()
             ),
             workers=tuple(WorkerView(w.worker_id, w.device_id) for w in self.view.workers.values()),
             copies=copies,

@@ -23,7 +23,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error(status: int, message: str, retry_after_s: float | None = None) -> web.Response:
-    headers = {"Retry-After": str(max(1, round(retry_after_s)))} if retry_after_s is not None else None
+    headers = (
+        {"Retry-After": str(max(1, round(retry_after_s)))} if retry_after_s is not None else None
+    )
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
@@ -134,6 +136,10 @@ async def repository_unload(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[DATAPLANE].status())
+
+
 def add_routes(app: web.Application) -> None:
     versioned = "/v2/models/{model}/versions/{version}"
     plain = "/v2/models/{model}"
@@ -148,6 +154,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v2/repository/index", repository_index)
     app.router.add_post("/v2/repository/models/{model}/load", repository_load)
     app.router.add_post("/v2/repository/models/{model}/unload", repository_unload)
+    app.router.add_get("/v2/modelpool/status", status)
 
 
 def create_rest_app(dataplane: DataPlane, max_request_bytes: int) -> web.Application:

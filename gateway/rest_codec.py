@@ -27,7 +27,9 @@ def parse_infer(
         try:
             n = int(header_length)
         except ValueError:
-            raise InvalidInput(f"model '{model}': {HEADER_LENGTH} '{header_length}' is not a number") from None
+            raise InvalidInput(
+                f"model '{model}': {HEADER_LENGTH} '{header_length}' is not a number"
+            ) from None
         if n < 0 or n > len(body):
             raise InvalidInput(
                 f"model '{model}': {HEADER_LENGTH} {n} does not fit the {len(body)}-byte body"
@@ -53,9 +55,15 @@ def parse_infer(
         if not isinstance(name, str):
             raise InvalidInput(f"model '{model}': inputs[{i}] has no 'name'")
         if datatype not in NUMPY_DTYPES:
-            raise InvalidInput(f"model '{model}': input '{name}' has unsupported datatype {datatype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-            raise InvalidInput(f"model '{model}': input '{name}' needs 'shape' as a list of integers")
+            raise InvalidInput(
+                f"model '{model}': input '{name}' has unsupported datatype {datatype!r}"
+            )
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape
+        ):
+            raise InvalidInput(
+                f"model '{model}': input '{name}' needs 'shape' as a list of integers"
+            )
         dtype = NUMPY_DTYPES[datatype]
         params = t.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
@@ -69,11 +77,15 @@ def parse_infer(
             offset += size
         else:
             if "data" not in t:
-                raise InvalidInput(f"model '{model}': input '{name}' has neither 'data' nor binary_data_size")
+                raise InvalidInput(
+                    f"model '{model}': input '{name}' has neither 'data' nor binary_data_size"
+                )
             try:
                 array = np.asarray(t["data"], dtype=dtype)
             except (ValueError, TypeError, OverflowError) as e:
-                raise InvalidInput(f"model '{model}': input '{name}' data is not {datatype}: {e}") from None
+                raise InvalidInput(
+                    f"model '{model}': input '{name}' data is not {datatype}: {e}"
+                ) from None
             if array.size != element_count(shape) or array.dtype == object:
                 raise InvalidInput(
                     f"model '{model}': input '{name}' has {array.size} elements; shape {shape} "
@@ -104,13 +116,20 @@ def render_infer(response: pb.ModelInferResponse, doc: dict[str, Any]) -> tuple[
         for o in (doc.get("outputs") or [])
         if isinstance(o, dict) and "name" in o
     }
-    head: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
+    head: dict[str, Any] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+    }
     if response.id:
         head["id"] = response.id
     outputs = []
     chunks: list[bytes] = []
     for out, raw in zip(response.outputs, response.raw_output_contents, strict=True):
-        entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": list(out.shape)}
+        entry: dict[str, Any] = {
+            "name": out.name,
+            "datatype": out.datatype,
+            "shape": list(out.shape),
+        }
         if per_output.get(out.name, binary_default):
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
@@ -122,4 +141,3 @@ def render_infer(response: pb.ModelInferResponse, doc: dict[str, Any]) -> tuple[
     if not chunks:
         return body, None
     return body + b"".join(chunks), len(body)
-

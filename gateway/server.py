@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -60,11 +61,15 @@ class Gateway:
             min_residency_s=self.config.min_residency_s,
         )
         self.dataplane = DataPlane(
-            self.repository, self.view, self.placer, self.metrics, infer_timeout_s=self.config.infer_timeout_s
+            self.repository,
+            self.view,
+            self.placer,
+            self.metrics,
+            infer_timeout_s=self.config.infer_timeout_s,
         )
         self.ports = BoundPorts()
         self._runners: list[web.AppRunner] = []
-        self._grpc = None
+        self._grpc: grpc.aio.Server | None = None
         self._poller: asyncio.Task[None] | None = None
 
     async def start(self) -> BoundPorts:
@@ -76,10 +81,11 @@ class Gateway:
         metrics_app = web.Application()
         metrics_app.router.add_get("/metrics", self._metrics_handler)
         self.ports.metrics = await self._serve_aiohttp(metrics_app, cfg.metrics_port)
-        self._grpc, self.ports.grpc = create_grpc_server(
+        server, self.ports.grpc = create_grpc_server(
             self.dataplane, f"{cfg.host}:{cfg.grpc_port}", cfg.max_request_bytes
         )
-        await self._grpc.start()
+        await server.start()
+        self._grpc = server
         self._poller = asyncio.create_task(self._poll_devices(), name="device-poller")
         return self.ports
 
@@ -95,17 +101,23 @@ class Gateway:
 
     async def _metrics_handler(self, request: web.Request) -> web.Response:
         self.refresh_gauges()
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     def refresh_gauges(self) -> None:
         copies = self.view.all_copies()
         self.metrics.resident_models.set(sum(1 for c in copies if c.state == CopyState.READY))
         self.metrics.workers.set(len(self.view.workers))
         for d in self.view.devices.values():
-            workers = {w.worker_id for w in self.view.workers.values() if w.device_id == d.device_id}
+            workers = {
+                w.worker_id for w in self.view.workers.values() if w.device_id == d.device_id
+            }
             mine = [c for c in copies if c.worker_id in workers]
             reserved = sum(c.footprint_bytes for c in mine if c.state == CopyState.LOADING)
-            ours = sum(c.footprint_bytes for c in mine if c.state in (CopyState.READY, CopyState.UNLOADING))
+            ours = sum(
+                c.footprint_bytes for c in mine if c.state in (CopyState.READY, CopyState.UNLOADING)
+            )
             used = d.used_bytes if d.source != "budget" else ours
             for kind, value in (
                 ("total", d.total_bytes),
@@ -143,9 +155,12 @@ class Gateway:
                 ours = sum(
                     c.footprint_bytes
                     for c in self.view.all_copies()
-                    if self.view.workers.get(c.worker_id) and self.view.workers[c.worker_id].device_id == w.device_id
+                    if self.view.workers.get(c.worker_id)
+                    and self.view.workers[c.worker_id].device_id == w.device_id
                 )
-                record = DeviceRecord(w.device_id, m.total_bytes, m.used_bytes, m.free_bytes, ours, m.source)
+                record = DeviceRecord(
+                    w.device_id, m.total_bytes, m.used_bytes, m.free_bytes, ours, m.source
+                )
             seen.add(w.device_id)
             if self.view.devices.get(w.device_id) != record:
                 await self.store.put_device(record)

@@ -68,8 +68,12 @@ class LocalWorkers:
     async def start(self) -> None:
         """Start every slot and wait until each worker first reports ready."""
         for slot in self.slots:
-            self._tasks.append(asyncio.create_task(self._run_slot(slot), name=f"slot-{slot.worker_id}"))
-        waits = [asyncio.wait_for(e.wait(), self.config.start_timeout_s) for e in self._ready.values()]
+            self._tasks.append(
+                asyncio.create_task(self._run_slot(slot), name=f"slot-{slot.worker_id}")
+            )
+        waits = [
+            asyncio.wait_for(e.wait(), self.config.start_timeout_s) for e in self._ready.values()
+        ]
         try:
             await asyncio.gather(*waits)
         except TimeoutError:
@@ -105,7 +109,9 @@ class LocalWorkers:
             while True:
                 line = await proc.stdout.readline()
                 if not line:
-                    raise RuntimeError(f"worker {slot.worker_id} exited before it was ready (code {await proc.wait()})")
+                    raise RuntimeError(
+                        f"worker {slot.worker_id} exited before it was ready (code {await proc.wait()})"
+                    )
                 text = line.decode(errors="replace").strip()
                 if text.startswith(READY_LINE):
                     fields = dict(kv.split("=", 1) for kv in text.split()[1:])
@@ -127,7 +133,9 @@ class LocalWorkers:
                 await asyncio.sleep(self.config.restart_backoff_s * 4)
                 continue
             await self.store.register_worker(
-                WorkerRecord(slot.worker_id, address, slot.device_id, self.config.node, proc.pid or 0)
+                WorkerRecord(
+                    slot.worker_id, address, slot.device_id, self.config.node, proc.pid or 0
+                )
             )
             self._ready[slot.worker_id].set()
             log.info("worker %s ready at %s pid=%s", slot.worker_id, address, proc.pid)
@@ -136,7 +144,9 @@ class LocalWorkers:
             drain.cancel()
             if self._stopping:
                 return
-            log.error("worker %s (pid %s) exited with code %s; restarting", slot.worker_id, proc.pid, code)
+            log.error(
+                "worker %s (pid %s) exited with code %s; restarting", slot.worker_id, proc.pid, code
+            )
             await self.worker_lost(slot.worker_id)
             self.restarts[slot.worker_id] += 1
             await asyncio.sleep(self.config.restart_backoff_s)
@@ -156,7 +166,9 @@ class LocalWorkers:
         try:
             await asyncio.wait_for(proc.wait(), self.config.kill_after_s)
         except TimeoutError:
-            log.warning("worker %s did not stop in %.0fs; killing it", worker_id, self.config.kill_after_s)
+            log.warning(
+                "worker %s did not stop in %.0fs; killing it", worker_id, self.config.kill_after_s
+            )
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
@@ -174,7 +186,9 @@ class LocalWorkers:
 
 def local_slots(node: str, devices: list[str], per_device: int) -> list[WorkerSlot]:
     return [
-        WorkerSlot(worker_id=f"{node}-{dev.replace(':', '')}-w{i}", device=dev, device_id=f"{node}/{dev}")
+        WorkerSlot(
+            worker_id=f"{node}-{dev.replace(':', '')}-w{i}", device=dev, device_id=f"{node}/{dev}"
+        )
         for dev in devices
         for i in range(per_device)
     ]

@@ -76,8 +76,7 @@ def validate_request(spec: ModelSpec, request: pb.ModelInferRequest) -> None:
         want = declared.get(t.name)
         if want is None:
             raise InvalidInput(
-                f"model '{model}': unexpected input '{t.name}' (inputs are "
-                f"{', '.join(declared)})"
+                f"model '{model}': unexpected input '{t.name}' (inputs are {', '.join(declared)})"
             )
         if t.datatype != want.datatype:
             raise InvalidInput(
@@ -95,7 +94,9 @@ def validate_request(spec: ModelSpec, request: pb.ModelInferRequest) -> None:
             )
     missing = [n for n in declared if n not in seen]
     if missing:
-        raise InvalidInput(f"model '{model}': missing input(s) {', '.join(repr(n) for n in missing)}")
+        raise InvalidInput(
+            f"model '{model}': missing input(s) {', '.join(repr(n) for n in missing)}"
+        )
     if spec.max_batch_size > 0:
         batches = {int(t.shape[0]) for t in request.inputs}
         if len(batches) > 1:

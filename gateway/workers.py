@@ -19,7 +19,11 @@ from gpu import protocol
 
 log = logging.getLogger(__name__)
 
-_CONNECTION_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
+_CONNECTION_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+}
 
 
 def translate(err: grpc.aio.AioRpcError, worker_id: str, what: str) -> errors.ModelpoolError:
@@ -29,10 +33,16 @@ def translate(err: grpc.aio.AioRpcError, worker_id: str, what: str) -> errors.Mo
     if isinstance(cls, type) and issubclass(cls, errors.ModelpoolError):
         return cls(err.details() or what)
     if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return errors.Unavailable(f"{what}: worker {worker_id} did not answer in time", retry_after_s=1.0)
+        return errors.Unavailable(
+            f"{what}: worker {worker_id} did not answer in time", retry_after_s=1.0
+        )
     if err.code() in _CONNECTION_CODES:
-        return errors.WorkerUnavailable(f"{what}: worker {worker_id} is unreachable ({err.code().name})")
-    return errors.ModelpoolError(f"{what}: worker {worker_id} failed: {err.code().name} {err.details()}")
+        return errors.WorkerUnavailable(
+            f"{what}: worker {worker_id} is unreachable ({err.code().name})"
+        )
+    return errors.ModelpoolError(
+        f"{what}: worker {worker_id} failed: {err.code().name} {err.details()}"
+    )
 
 
 class WorkerClient:
@@ -52,7 +62,9 @@ class WorkerClient:
         )
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         self._load = self.channel.unary_unary(
-            protocol.LOAD, request_serializer=protocol.encode, response_deserializer=protocol.decoder(protocol.LoadResult)
+            protocol.LOAD,
+            request_serializer=protocol.encode,
+            response_deserializer=protocol.decoder(protocol.LoadResult),
         )
         self._unload = self.channel.unary_unary(
             protocol.UNLOAD,
@@ -72,7 +84,9 @@ class WorkerClient:
             raise translate(e, self.worker_id, what) from None
 
     async def infer(self, request: pb.ModelInferRequest, timeout_s: float) -> pb.ModelInferResponse:
-        return await self._call(f"model '{request.model_name}'", self.stub.ModelInfer, request, timeout_s)
+        return await self._call(
+            f"model '{request.model_name}'", self.stub.ModelInfer, request, timeout_s
+        )
 
     async def load(self, model: str, version: int, timeout_s: float) -> protocol.LoadResult:
         return await self._call(
@@ -81,7 +95,10 @@ class WorkerClient:
 
     async def unload(self, model: str, version: int, timeout_s: float) -> protocol.UnloadResult:
         return await self._call(
-            f"model '{model}' unload", self._unload, protocol.UnloadRequest(model, version), timeout_s
+            f"model '{model}' unload",
+            self._unload,
+            protocol.UnloadRequest(model, version),
+            timeout_s,
         )
 
     async def status(self, timeout_s: float) -> protocol.WorkerStatus:

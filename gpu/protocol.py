@@ -95,7 +95,7 @@ def encode(obj: Any) -> bytes:
     return json.dumps(dataclasses.asdict(obj), separators=(",", ":")).encode()
 
 
-def decoder(cls: type[T]):  # noqa: ANN201 - returns a deserializer for grpc
+def decoder(cls: type[T]):
     """A grpc response/request deserializer building ``cls`` from JSON bytes."""
 
     def decode(data: bytes) -> T:

@@ -74,7 +74,9 @@ class ModelSpec:
         try:
             v = int(version)
         except (TypeError, ValueError):
-            raise InvalidInput(f"model '{self.name}': version '{version}' is not a number") from None
+            raise InvalidInput(
+                f"model '{self.name}': version '{version}' is not a number"
+            ) from None
         if v not in self.versions:
             raise ModelNotFound(
                 f"model '{self.name}' has no version {v} "
@@ -189,7 +191,9 @@ def read_model(model_dir: Path) -> ModelSpec:
     if config.name and config.name != name:
         return failed(f"{cfg_path}: name '{config.name}' does not match directory '{name}'")
     config.name = name
-    if config.platform not in SUPPORTED_PLATFORMS and config.backend not in SUPPORTED_BACKENDS - {""}:
+    if config.platform not in SUPPORTED_PLATFORMS and config.backend not in SUPPORTED_BACKENDS - {
+        ""
+    }:
         return failed(
             f"{cfg_path}: platform '{config.platform or config.backend}' is not supported "
             "(modelpool serves pytorch_libtorch TorchScript models)"
@@ -210,7 +214,9 @@ def read_model(model_dir: Path) -> ModelSpec:
         return failed(f"{cfg_path}: default_model_filename '{filename}' is not a file name")
     artifacts = _versions(model_dir, config, filename)
     if not artifacts:
-        return failed(f"{model_dir}: no version directory holds {filename} under the version policy")
+        return failed(
+            f"{model_dir}: no version directory holds {filename} under the version policy"
+        )
     return ModelSpec(
         name=name,
         platform=config.platform,

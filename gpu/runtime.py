@@ -17,7 +17,7 @@ import torch
 from tritonclient.grpc import service_pb2 as pb
 
 from gpu.repository import ModelRepository, ModelSpec
-from gpu.tensors import NUMPY_DTYPES, datatype_of
+from gpu.tensors import NUMPY_DTYPES
 from placement.errors import (
     InferenceError,
     InvalidInput,
@@ -70,7 +70,9 @@ class ModelRuntime:
     """Models resident on one device. Thread-safe for concurrent infer calls; loads and
     unloads are serialised by the caller per model."""
 
-    def __init__(self, repository: ModelRepository, device: str, threads: int | None = None) -> None:
+    def __init__(
+        self, repository: ModelRepository, device: str, threads: int | None = None
+    ) -> None:
         self.repository = repository
         self.device = torch.device(device)
         self.models: dict[tuple[str, int], LoadedModel] = {}
@@ -100,7 +102,9 @@ class ModelRuntime:
             module.eval()
         except torch.OutOfMemoryError as e:
             self._release()
-            raise ModelLoadError(f"model '{name}' version {version}: out of device memory: {e}") from e
+            raise ModelLoadError(
+                f"model '{name}' version {version}: out of device memory: {e}"
+            ) from e
         except Exception as e:  # torch raises RuntimeError/ValueError/zip errors for bad files
             self._release()
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -123,7 +127,11 @@ class ModelRuntime:
             self.models[key] = loaded
         log.info(
             "loaded model=%s version=%s device=%s footprint=%d load_s=%.3f",
-            name, version, self.device, loaded.footprint_bytes, loaded.load_seconds,
+            name,
+            version,
+            self.device,
+            loaded.footprint_bytes,
+            loaded.load_seconds,
         )
         return loaded
 
@@ -177,7 +185,9 @@ class ModelRuntime:
                     result = loaded.module(*args)
             except torch.OutOfMemoryError as e:
                 self._release()
-                raise Unavailable(f"model '{spec.name}': out of device memory during inference") from e
+                raise Unavailable(
+                    f"model '{spec.name}': out of device memory during inference"
+                ) from e
             except Exception as e:  # a model's own error must never take the worker down
                 msg = str(e).strip().splitlines()
                 raise InferenceError(
@@ -221,10 +231,13 @@ class ModelRuntime:
     def _outputs(
         self, spec: ModelSpec, version: int, request: pb.ModelInferRequest, result: object
     ) -> pb.ModelInferResponse:
-        tensors = list(result) if isinstance(result, (tuple, list)) else [result]
-        if len(tensors) != len(spec.outputs) or not all(isinstance(t, torch.Tensor) for t in tensors):
+        values = list(result) if isinstance(result, (tuple, list)) else [result]
+        tensors = [t for t in values if isinstance(t, torch.Tensor)]
+        if len(values) != len(spec.outputs) or len(tensors) != len(values) or not all(
+            isinstance(t, torch.Tensor) for t in tensors
+        ):
             raise InferenceError(
-                f"model '{spec.name}' returned {len(tensors)} values; its config declares "
+                f"model '{spec.name}' returned {len(values)} values; its config declares "
                 f"{len(spec.outputs)} tensor outputs"
             )
         wanted = {o.name for o in request.outputs} or {o.name for o in spec.outputs}
@@ -234,13 +247,13 @@ class ModelRuntime:
         for out_spec, tensor in zip(spec.outputs, tensors, strict=True):
             if out_spec.name not in wanted:
                 continue
-            array = tensor.detach().to("cpu").contiguous().numpy()
-            wire = datatype_of(array) if array.dtype.kind != "O" else "?"
+            wire = _TORCH_TO_WIRE.get(tensor.dtype, str(tensor.dtype))
             if wire != out_spec.datatype:
                 raise InferenceError(
                     f"model '{spec.name}': output '{out_spec.name}' is {wire}, "
                     f"config declares {out_spec.datatype}"
                 )
+            array = tensor.detach().to("cpu").contiguous().numpy()
             out = response.outputs.add()
             out.name = out_spec.name
             out.datatype = wire

@@ -26,7 +26,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from gpu import protocol
 from gpu.memory import MemoryProbe, probe_for
 from gpu.repository import ModelRepository
-from placement.errors import InvalidInput, ModelpoolError, ModelNotFound, ModelNotReady, Unavailable
+from placement.errors import InvalidInput, ModelNotFound, ModelNotReady, ModelpoolError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ GRPC_CODES: dict[type[ModelpoolError], grpc.StatusCode] = {
 def grpc_code(err: ModelpoolError) -> grpc.StatusCode:
     for cls in type(err).__mro__:
         if cls in GRPC_CODES:
-            return GRPC_CODES[cls]  # type: ignore[index]
+            return GRPC_CODES[cls]
     return grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -127,34 +127,36 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     # -- Triton GRPCInferenceService subset --------------------------------------------
-    async def ServerLive(self, request, context):  # noqa: N802 - gRPC method names
+    async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):  # noqa: N802
+    async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=True)
 
-    async def ModelReady(self, request, context):  # noqa: N802
+    async def ModelReady(self, request, context):
         version = int(request.version) if request.version else None
-        ready = any(n == request.name and (version is None or v == version) for n, v in self.runtime.models)
+        ready = any(
+            n == request.name and (version is None or v == version) for n, v in self.runtime.models
+        )
         return pb.ModelReadyResponse(ready=ready)
 
-    async def ModelInfer(self, request, context):  # noqa: N802
+    async def ModelInfer(self, request, context):
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             # Answer an expired request before touching the device.
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before compute")
         return await self._guard(context, self._run(self._infer_pool, self.runtime.infer, request))
 
-    async def RepositoryModelLoad(self, request, context):  # noqa: N802
+    async def RepositoryModelLoad(self, request, context):
         await self._guard(context, self.load(protocol.LoadRequest(request.model_name, 0)))
         return pb.RepositoryModelLoadResponse()
 
-    async def RepositoryModelUnload(self, request, context):  # noqa: N802
+    async def RepositoryModelUnload(self, request, context):
         for name, version in [k for k in self.runtime.models if k[0] == request.model_name]:
             await self._guard(context, self.unload(protocol.UnloadRequest(name, version)))
         return pb.RepositoryModelUnloadResponse()
 
-    async def RepositoryIndex(self, request, context):  # noqa: N802
+    async def RepositoryIndex(self, request, context):
         resp = pb.RepositoryIndexResponse()
         for name, version in sorted(self.runtime.models):
             resp.models.add(name=name, version=str(version), state="READY")
@@ -166,19 +168,21 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
             return await call
         except ModelpoolError as e:
             await context.abort(
-                grpc_code(e), e.message, trailing_metadata=((protocol.ERROR_CLASS_KEY, type(e).__name__),)
+                grpc_code(e),
+                e.message,
+                trailing_metadata=((protocol.ERROR_CLASS_KEY, type(e).__name__),),
             )
             raise  # unreachable: abort raises
 
     def control_handler(self) -> grpc.GenericRpcHandler:
-        def unary(
-            fn: Callable[[Any], Awaitable[Any]], req_cls: type
-        ) -> grpc.RpcMethodHandler:
+        def unary(fn: Callable[[Any], Awaitable[Any]], req_cls: type) -> grpc.RpcMethodHandler:
             async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 return await self._guard(context, fn(request))
 
             return grpc.unary_unary_rpc_method_handler(
-                handle, request_deserializer=protocol.decoder(req_cls), response_serializer=protocol.encode
+                handle,
+                request_deserializer=protocol.decoder(req_cls),
+                response_serializer=protocol.encode,
             )
 
         return grpc.method_handlers_generic_handler(
@@ -224,7 +228,9 @@ async def serve_worker(config: WorkerConfig, exit_with_parent: bool = False) -> 
         loop.add_signal_handler(sig, stop.set)
     log.info("worker %s serving on %s device=%s", worker.worker_id, address, config.device)
     # The supervisor reads this line to learn the port and the id.
-    print(f"{READY_LINE} address={address} worker_id={worker.worker_id} pid={os.getpid()}", flush=True)
+    print(
+        f"{READY_LINE} address={address} worker_id={worker.worker_id} pid={os.getpid()}", flush=True
+    )
     started = time.monotonic()
     await stop.wait()
     log.info("worker %s stopping after %.0fs", worker.worker_id, time.monotonic() - started)

@@ -41,7 +41,9 @@ class Served:
         return f"127.0.0.1:{self.grpc_port}"
 
     def metrics_text(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10
+        ) as r:
             return r.read().decode()
 
     def metric(self, name: str, **labels: str) -> float:
@@ -131,7 +133,9 @@ def example_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def served_examples(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+def served_examples(
+    example_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
     """One shared server over the example repository, for read-mostly tests."""
     log = tmp_path_factory.mktemp("served") / "serve.log"
     s = start_serve(example_repo, log, "--device-memory-budget", "1GiB")

@@ -65,5 +65,8 @@ def write_sized(repo: Path, name: str, nbytes: int) -> Path:
 
 def write_slow(repo: Path, name: str, nbytes: int = 1 << 20) -> Path:
     return write_model(
-        repo, name, Slow(nbytes), extra_input='input { name: "iters" data_type: TYPE_INT64 dims: [ 1 ] }\n'
+        repo,
+        name,
+        Slow(nbytes),
+        extra_input='input { name: "iters" data_type: TYPE_INT64 dims: [ 1 ] }\n',
     )

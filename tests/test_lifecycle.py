@@ -92,7 +92,11 @@ def test_killed_worker_is_restarted_and_models_reload(tmp_path: Path, serve) -> 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         pids = server.worker_pids()
-        if pids and pids != [worker] and thttp.InferenceServerClient(server.http_url).is_server_ready():
+        if (
+            pids
+            and pids != [worker]
+            and thttp.InferenceServerClient(server.http_url).is_server_ready()
+        ):
             break
         time.sleep(0.1)
     else:

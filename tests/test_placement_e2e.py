@@ -37,7 +37,9 @@ def _resident(url: str) -> set[str]:
     return {m["name"] for m in client.get_model_repository_index() if m["state"] == "READY"}
 
 
-async def test_twenty_concurrent_requests_to_a_cold_model_load_it_once(tmp_path: Path, serve) -> None:
+async def test_twenty_concurrent_requests_to_a_cold_model_load_it_once(
+    tmp_path: Path, serve
+) -> None:
     write_sized(tmp_path, "cold", 4 * MB)
     server = serve(tmp_path, "--device-memory-budget", "64MB")
     client = tgrpc_aio.InferenceServerClient(server.grpc_url)
@@ -55,7 +57,10 @@ async def test_twenty_concurrent_requests_to_a_cold_model_load_it_once(tmp_path:
         np.testing.assert_allclose(y, _x() * 2)
     assert server.metric("modelpool_model_loads_total", model="cold", outcome="success") == 1
     assert server.metric("modelpool_cold_starts_total", model="cold") == 20
-    assert server.metric("modelpool_requests_total", model="cold", protocol="grpc", outcome="success") == 20
+    assert (
+        server.metric("modelpool_requests_total", model="cold", protocol="grpc", outcome="success")
+        == 20
+    )
 
 
 def test_lru_eviction_order_under_a_small_budget(tmp_path: Path, serve) -> None:

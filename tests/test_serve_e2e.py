@@ -118,7 +118,9 @@ def test_repository_load_unload_and_curl_style_json(served_examples) -> None:
 
     def post(path: str, body: dict | None = None) -> tuple[int, dict]:
         req = urllib.request.Request(
-            base + path, data=json.dumps(body or {}).encode(), method="POST",
+            base + path,
+            data=json.dumps(body or {}).encode(),
+            method="POST",
             headers={"Content-Type": "application/json"},
         )
         try:
@@ -139,18 +141,26 @@ def test_repository_load_unload_and_curl_style_json(served_examples) -> None:
     assert post(f"/v2/repository/models/{name}/unload")[0] == 200
     index = {m["name"]: m for m in post("/v2/repository/index")[1]}
     assert index[name]["state"] == "UNAVAILABLE"
-    assert served_examples.metric("modelpool_model_evictions_total", model=name, reason="unload") >= 1
+    assert (
+        served_examples.metric("modelpool_model_evictions_total", model=name, reason="unload") >= 1
+    )
     assert post("/v2/repository/models/nope/load")[0] == 404
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_requests_counted_by_outcome(served_examples, protocol: str) -> None:
     name = "conv_07_6mb"
-    before = served_examples.metric("modelpool_requests_total", model=name, protocol=protocol, outcome="success")
+    before = served_examples.metric(
+        "modelpool_requests_total", model=name, protocol=protocol, outcome="success"
+    )
     mod = thttp if protocol == "http" else tgrpc
-    client = mod.InferenceServerClient(served_examples.http_url if protocol == "http" else served_examples.grpc_url)
+    client = mod.InferenceServerClient(
+        served_examples.http_url if protocol == "http" else served_examples.grpc_url
+    )
     x = mod.InferInput("image", [1, 3, 16, 16], "FP32")
     x.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float32))
     client.infer(name, [x])
-    after = served_examples.metric("modelpool_requests_total", model=name, protocol=protocol, outcome="success")
+    after = served_examples.metric(
+        "modelpool_requests_total", model=name, protocol=protocol, outcome="success"
+    )
     assert after == before + 1

@@ -1,0 +1,157 @@
+"""Gateway overhead: warm small-tensor latency through the gateway (REST and gRPC)
+against calling the worker that holds the model directly, in one run.
+
+    python -m loadtests.gateway_overhead [--requests N] [--model NAME] [--out FILE.json]
+
+Starts its own ``modelpool serve`` over the example models (or --model-repository),
+warms the model, then times N sequential requests per path and prints p50/p99 with
+ratios against the direct worker call. Ratios, not absolute figures, are the result:
+these machines are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+READY_RE = re.compile(r"modelpool ready http=(\d+) grpc=(\d+) metrics=(\d+)")
+
+
+def start_serve(
+    repo: Path, extra: list[str], log_path: Path
+) -> tuple[subprocess.Popen[str], int, int]:
+    cmd = [
+        sys.executable, "-m", "gateway.cli", "serve", "--model-repository", str(repo),
+        "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *extra,
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        m = READY_RE.search(line)
+        if m:
+            return proc, int(m[1]), int(m[2])
+    raise RuntimeError(f"modelpool serve did not start; see {log_path}")
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    a = np.array(samples) * 1000.0
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(a.mean()),
+    }
+
+
+def time_calls(call: Callable[[], object], n: int, label: str) -> list[float]:
+    for _ in range(min(50, n)):
+        call()  # warm connections and the model's first-run paths
+    out = []
+    step = max(1, n // 10)
+    for i in range(n):
+        t = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - t)
+        if (i + 1) % step == 0:
+            print(f"  {label}: {i + 1}/{n}", file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tritonclient.grpc as tgrpc
+    import tritonclient.http as thttp
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-repository", default=None, help="default: generate the example models")
+    p.add_argument("--model", default="mlp_00_2mb")
+    p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--out", default="gateway_overhead.json")
+    p.add_argument(
+        "--serve-arg", action="append", default=[], help="extra argument for modelpool serve"
+    )
+    args = p.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="mp-overhead-"))
+    repo = Path(args.model_repository) if args.model_repository else work / "models"
+    if args.model_repository is None:
+        from gpu.examples import write_examples
+
+        write_examples(repo, count=8)
+    proc, http_port, grpc_port = start_serve(repo, args.serve_arg, work / "serve.log")
+    try:
+        http = thttp.InferenceServerClient(f"127.0.0.1:{http_port}")
+        grpc = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        meta = grpc.get_model_metadata(args.model, as_json=True)
+        t = meta["inputs"][0]
+        shape = [1] + [int(d) if int(d) > 0 else 1 for d in t["shape"][1:]]
+        data = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        grpc.load_model(args.model)
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{http_port}/v2/modelpool/status", timeout=10
+        ) as r:
+            status = json.load(r)
+        holder = next(
+            c["worker_id"]
+            for c in status["copies"]
+            if c["model"] == args.model and c["state"] == "READY"
+        )
+        address = next(w["address"] for w in status["workers"] if w["worker_id"] == holder)
+        direct = tgrpc.InferenceServerClient(address)
+
+        def g_input(mod):
+            x = mod.InferInput(t["name"], shape, t["datatype"])
+            x.set_data_from_numpy(data)
+            return [x]
+
+        h_in, g_in = g_input(thttp), g_input(tgrpc)
+        paths = {
+            "worker grpc (direct)": lambda: direct.infer(args.model, g_in, model_version="1"),
+            "gateway grpc": lambda: grpc.infer(args.model, g_in),
+            "gateway http": lambda: http.infer(args.model, h_in),
+        }
+        results = {}
+        for label, call in paths.items():
+            results[label] = percentiles(time_calls(call, args.requests, label))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+
+    base = results["worker grpc (direct)"]
+    rows = []
+    for label, r in results.items():
+        r["p50_ratio"] = r["p50_ms"] / base["p50_ms"]
+        r["p99_ratio"] = r["p99_ms"] / base["p99_ms"]
+        rows.append((label, r))
+    print(
+        f"\ngateway overhead: model {args.model}, input {shape} FP32, {args.requests} sequential requests"
+    )
+    print(f"{'path':<22} {'p50 ms':>8} {'p99 ms':>8} {'p50 x':>7} {'p99 x':>7}")
+    for label, r in rows:
+        print(
+            f"{label:<22} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['p50_ratio']:7.2f} {r['p99_ratio']:7.2f}"
+        )
+    doc = {
+        "benchmark": "gateway_overhead",
+        "model": args.model,
+        "requests": args.requests,
+        "cpu_count": os.cpu_count(),
+        "paths": results,
+    }
+    Path(args.out).write_text(json.dumps(doc, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs modelpool with its test tools and the services the tests start
+# (redis-server, promtool), then runs lint, types and the test suite.
+# Extra arguments go to pytest, e.g. ./scripts/test.sh -m gpu
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="[test,plots]" source scripts/bootstrap.sh
+scripts/install-services.sh
+echo "==> ruff"
+.venv/bin/ruff check .
+echo "==> mypy"
+.venv/bin/mypy gateway placement gpu cache loadtests
+echo "==> pytest"
+exec .venv/bin/python -m pytest "$@"
