@@ -1,0 +1,101 @@
+"""Model repository parsing with Triton's ModelConfig protobuf."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gpu.repository import ModelRepository, check_model_name, read_model
+from placement.errors import InvalidInput, ModelNotFound, ModelNotReady
+
+BASE = """name: "{name}"
+platform: "pytorch_libtorch"
+max_batch_size: 4
+input [ {{ name: "a" data_type: TYPE_FP32 dims: [ 2, -1 ] }}, {{ name: "b" data_type: TYPE_INT64 dims: [ 1 ] }} ]
+output [ {{ name: "o" data_type: TYPE_FP16 dims: [ 3 ] }} ]
+{extra}
+"""
+
+
+def _model(repo: Path, name: str, versions=(1,), extra: str = "", filename: str = "model.pt") -> Path:
+    d = repo / name
+    d.mkdir(parents=True)
+    (d / "config.pbtxt").write_text(BASE.format(name=name, extra=extra))
+    for v in versions:
+        (d / str(v)).mkdir()
+        (d / str(v) / filename).write_bytes(b"x" * 10)
+    return d
+
+
+def test_parses_inputs_outputs_in_config_order(tmp_path: Path) -> None:
+    spec = read_model(_model(tmp_path, "m"))
+    assert spec.error is None
+    assert [(t.name, t.datatype, t.dims) for t in spec.inputs] == [("a", "FP32", (2, -1)), ("b", "INT64", (1,))]
+    assert [(t.name, t.datatype) for t in spec.outputs] == [("o", "FP16")]
+    assert spec.max_batch_size == 4 and spec.versions == (1,)
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ("", (3,)),
+        ("version_policy: { latest: { num_versions: 2 } }", (2, 3)),
+        ("version_policy: { all: {} }", (1, 2, 3)),
+        ("version_policy: { specific: { versions: [1, 3, 9] } }", (1, 3)),
+    ],
+)
+def test_version_policy(tmp_path: Path, policy: str, expected: tuple[int, ...]) -> None:
+    spec = read_model(_model(tmp_path, "m", versions=(1, 2, 3), extra=policy))
+    assert spec.versions == expected
+    assert spec.resolve_version("") == expected[-1]
+    with pytest.raises(ModelNotFound, match="no version 7"):
+        spec.resolve_version("7")
+    with pytest.raises(InvalidInput, match="not a number"):
+        spec.resolve_version("x")
+
+
+def test_default_model_filename(tmp_path: Path) -> None:
+    spec = read_model(_model(tmp_path, "m", extra='default_model_filename: "net.pt"', filename="net.pt"))
+    assert spec.error is None and spec.artifacts[1].name == "net.pt"
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ('name: "m" platform: "pytorch_libtorch" input {', "config.pbtxt"),
+        ('name: "other" platform: "pytorch_libtorch"', "does not match directory"),
+        ('name: "m" platform: "onnxruntime_onnx"', "not supported"),
+        ('name: "m" platform: "pytorch_libtorch" output { name: "o" data_type: TYPE_FP32 dims: 1 }', "at least one input"),
+        ('name: "m" platform: "pytorch_libtorch" input { name: "a" dims: 1 } output { name: "o" data_type: TYPE_FP32 dims: 1 }', "no data_type"),
+    ],
+)
+def test_bad_configs_are_unavailable_with_a_reason(tmp_path: Path, config: str, reason: str) -> None:
+    d = _model(tmp_path, "m")
+    (d / "config.pbtxt").write_text(config)
+    spec = read_model(d)
+    assert spec.error is not None and reason in spec.error
+    with pytest.raises(ModelNotReady, match="'m'"):
+        spec.resolve_version("")
+
+
+def test_missing_artifact_and_config(tmp_path: Path) -> None:
+    (tmp_path / "noconfig" / "1").mkdir(parents=True)
+    assert "config.pbtxt is missing" in (read_model(tmp_path / "noconfig").error or "")
+    d = _model(tmp_path, "noartifact", versions=())
+    assert "no version directory holds model.pt" in (read_model(d).error or "")
+
+
+def test_repository_lists_all_finds_new_models_and_rejects_escapes(tmp_path: Path) -> None:
+    _model(tmp_path, "a")
+    _model(tmp_path, "broken").joinpath("config.pbtxt").write_text("garbage {")
+    repo = ModelRepository(tmp_path)
+    assert repo.names() == ["a", "broken"]
+    assert repo.get("broken").error
+    _model(tmp_path, "late")
+    assert repo.get("late").error is None  # dropped in after start: found on first use
+    for bad in ("..", "../etc", "a/b", "", "a..b"):
+        with pytest.raises(InvalidInput):
+            check_model_name(bad)
+    with pytest.raises(ModelNotFound):
+        repo.get("absent")
