@@ -15,6 +15,7 @@ __all__ = [
     "CopyView",
     "DevicePut",
     "DeviceRecord",
+    "Resynced",
     "StoreEvent",
     "WorkerDown",
     "WorkerRecord",
@@ -80,4 +81,13 @@ class DevicePut:
     device: DeviceRecord
 
 
-StoreEvent = WorkerUp | WorkerDown | CopyUpserted | CopyRemoved | DevicePut
+@dataclass(frozen=True)
+class Resynced:
+    """The store (re)connected: replace the whole local view with this state."""
+
+    workers: tuple[WorkerRecord, ...]
+    devices: tuple[DeviceRecord, ...]
+    copies: tuple[CopyView, ...]
+
+
+StoreEvent = WorkerUp | WorkerDown | CopyUpserted | CopyRemoved | DevicePut | Resynced

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -56,8 +57,16 @@ class ResidencyStore(ABC):
         for listener in self._listeners:
             listener(event)
 
+    async def start(self) -> None:
+        """Begin delivering other processes' changes (shared stores); no-op here."""
+        return None
+
     @abstractmethod
     async def snapshot(self) -> Snapshot: ...
+
+    async def reap_expired(self) -> list[str]:
+        """Remove workers whose heartbeat lapsed; returns their ids. Shared stores only."""
+        return []
 
     @abstractmethod
     async def register_worker(self, worker: WorkerRecord) -> None: ...
@@ -70,10 +79,13 @@ class ResidencyStore(ABC):
     async def put_device(self, device: DeviceRecord) -> None: ...
 
     @abstractmethod
-    async def reserve(self, copy: CopyView, device_id: str, capacity_bytes: int) -> bool:
+    async def reserve(
+        self, copy: CopyView, device_id: str, capacity_bytes: int, fence: int | None = None
+    ) -> bool:
         """Atomically record ``copy`` (LOADING, footprint = bytes reserved) if the bytes
         already committed on ``device_id`` plus its footprint stay within
-        ``capacity_bytes``. False, and nothing written, otherwise."""
+        ``capacity_bytes``. False, and nothing written, otherwise. ``fence`` is the
+        load-lock token: a holder whose lock lapsed gets Unavailable instead."""
 
     @abstractmethod
     async def put_copy(self, copy: CopyView) -> None: ...
@@ -137,7 +149,9 @@ class InMemoryStore(ResidencyStore):
             if c.worker_id in workers and c.state != CopyState.FAILED
         )
 
-    async def reserve(self, copy: CopyView, device_id: str, capacity_bytes: int) -> bool:
+    async def reserve(
+        self, copy: CopyView, device_id: str, capacity_bytes: int, fence: int | None = None
+    ) -> bool:
         if self._committed(device_id) + copy.footprint_bytes > capacity_bytes:
             return False
         self._copies[copy.key] = copy
@@ -153,8 +167,6 @@ class InMemoryStore(ResidencyStore):
             self._publish(CopyRemoved(key))
 
     async def touch(self, last_used: Mapping[CopyKey, float]) -> None:
-        import dataclasses
-
         for key, t in last_used.items():
             c = self._copies.get(key)
             if c is not None and t > c.last_used:

@@ -18,6 +18,7 @@ from cache.records import (
     CopyView,
     DevicePut,
     DeviceRecord,
+    Resynced,
     StoreEvent,
     WorkerDown,
     WorkerRecord,
@@ -58,6 +59,8 @@ class ResidencyView:
                 self.copies.pop(key, None)
             case DevicePut(device=d):
                 self.devices[d.device_id] = d
+            case Resynced(workers=workers, devices=devices, copies=copies):
+                self.reset(list(workers), list(devices), list(copies))
 
     def merged(self, copy: CopyView) -> CopyView:
         """The stored copy with this gateway's in-flight count and latest use."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -51,6 +52,20 @@ def _add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO")
 
 
+def _add_redis_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument(
+        "--redis-url",
+        required=required,
+        default=None,
+        help="residency store: redis://[:password@]host:port/db or rediss:// for TLS",
+    )
+    p.add_argument("--redis-namespace", default="modelpool", help="key prefix in Redis")
+
+
+def _node_name() -> str:
+    return socket.gethostname().split(".")[0] or "local"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelpool", description="Many-model inference gateway (KServe v2 / Triton protocol)"
@@ -73,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--devices", default="auto", help="auto (CUDA if present), cpu, or cuda:0,cuda:1"
     )
     serve.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+    _add_redis_args(serve, required=False)
+
+    gateway = sub.add_parser("gateway", help="a gateway replica over workers registered in Redis")
+    _add_gateway_args(gateway)
+    _add_redis_args(gateway, required=True)
 
     worker = sub.add_parser("worker", help="one worker process hosting many models on a device")
     worker.add_argument("--model-repository", required=True)
@@ -86,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-message-size", type=_size, default=1 << 30)
     worker.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     worker.add_argument("--log-level", default="INFO")
+    worker.add_argument("--node", default=None, help="node name in device ids (default: hostname)")
+    _add_redis_args(worker, required=False)
 
     examples = sub.add_parser("examples", help="write the example model repository")
     examples.add_argument("--out", required=True)
@@ -108,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_worker(args)
         if args.command == "serve":
             return asyncio.run(_serve(args))
+        if args.command == "gateway":
+            return asyncio.run(_gateway(args))
     except (ValueError, RuntimeError) as e:
         print(f"modelpool {args.command}: {e}", file=sys.stderr)
         return 2
@@ -131,45 +155,67 @@ def _run_worker(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_size,
         advertise=args.advertise,
     )
-    asyncio.run(serve_worker(config, exit_with_parent=args.exit_with_parent))
+    companion = None
+    if args.redis_url:
+        companion = _announce_to(args.redis_url, args.redis_namespace, args.node or _node_name())
+    asyncio.run(serve_worker(config, exit_with_parent=args.exit_with_parent, companion=companion))
     return 0
 
 
+def _announce_to(url: str, namespace: str, node: str):
+    """Registers the worker in Redis, heartbeats, re-announces its copies when needed."""
+    from cache.announce import Announcer
+    from cache.records import CopyState, CopyView, WorkerRecord
+    from cache.redis_store import RedisStore
+
+    async def run(worker, address: str) -> None:
+        store = RedisStore(url, namespace=namespace)
+        record = WorkerRecord(
+            worker_id=worker.worker_id,
+            address=address,
+            device_id=f"{node}/{worker.config.device}",
+            node=node,
+            pid=os.getpid(),
+        )
+
+        def held() -> list[CopyView]:
+            return [
+                CopyView(m.spec.name, m.version, worker.worker_id, CopyState.READY, m.footprint_bytes,
+                         m.last_used, m.loaded_at)
+                for m in list(worker.runtime.models.values())
+            ]  # fmt: skip
+
+        try:
+            await Announcer(store, record, held).run()
+        finally:
+            await store.close()
+
+    return run
+
+
 async def _serve(args: argparse.Namespace) -> int:
-    from cache.store import InMemoryStore
-    from gateway.config import GatewayConfig
     from gateway.server import Gateway, ready_line
     from gateway.supervisor import LocalWorkers, SupervisorConfig, detect_devices, local_slots
 
-    config = GatewayConfig(
-        model_repository=args.model_repository,
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        max_request_bytes=args.max_request_size,
-        infer_timeout_s=args.infer_timeout,
-        load_timeout_s=args.load_timeout,
-        min_residency_s=args.min_residency,
-    )
+    config = _gateway_config(args)
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
     devices = detect_devices() if args.devices == "auto" else args.devices.split(",")
-    node = socket.gethostname().split(".")[0] or "local"
+    node = _node_name()
     slots = local_slots(node, devices, args.workers)
     budget = args.device_memory_budget
-    cpu_budget = budget if budget is not None else 2 << 30
-    budgets = {s.device_id: cpu_budget for s in slots if s.device == "cpu"}
+    if budget is None and "cpu" in devices:
+        budget = 2 << 30
 
-    gateway = Gateway(config, InMemoryStore(), budgets=budgets)
+    gateway = Gateway(config, _store(args.redis_url, args.redis_namespace))
     supervisor = LocalWorkers(
         SupervisorConfig(
             model_repository=gateway.repository.root.as_posix(),
             node=node,
-            device_memory_budget=budget
-            if budget is not None or "cpu" not in devices
-            else cpu_budget,
+            device_memory_budget=budget,
             threads=args.threads,
+            redis_url=args.redis_url,
+            redis_namespace=args.redis_namespace,
             log_level=args.log_level,
             max_message_bytes=max(config.max_request_bytes, 1 << 30),
         ),
@@ -199,6 +245,56 @@ async def _serve(args: argparse.Namespace) -> int:
         log.info("shutting down")
     finally:
         await supervisor.stop()
+        await gateway.stop()
+    return 0
+
+
+def _gateway_config(args: argparse.Namespace):
+    from gateway.config import GatewayConfig
+
+    return GatewayConfig(
+        model_repository=args.model_repository,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        max_request_bytes=args.max_request_size,
+        infer_timeout_s=args.infer_timeout,
+        load_timeout_s=args.load_timeout,
+        min_residency_s=args.min_residency,
+    )
+
+
+def _store(url: str | None, namespace: str):
+    if url is None:
+        from cache.store import InMemoryStore
+
+        return InMemoryStore()
+    from cache.redis_store import RedisStore
+
+    return RedisStore(url, namespace=namespace)
+
+
+async def _gateway(args: argparse.Namespace) -> int:
+    from gateway.server import Gateway, ready_line
+
+    gateway = Gateway(_gateway_config(args), _store(args.redis_url, args.redis_namespace))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        ports = await gateway.start()
+        await gateway.poll_once()
+        log.info(
+            "gateway serving %d models; %d workers registered",
+            len(gateway.repository.names()),
+            len(gateway.view.workers),
+        )
+        print(ready_line(ports), flush=True)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
         await gateway.stop()
     return 0
 

@@ -24,7 +24,7 @@ from gateway.metrics import UNKNOWN_MODEL, Metrics
 from gateway.placer import Placer
 from gateway.validate import contents_to_raw, validate_request
 from gpu.repository import ModelRepository, ModelSpec
-from placement.errors import ModelNotFound, ModelpoolError, WorkerUnavailable
+from placement.errors import ModelNotFound, ModelNotReady, ModelpoolError, WorkerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +164,17 @@ class DataPlane:
             compute_started = time.monotonic()
             try:
                 response = await got.client.infer(request, timeout_s=self.infer_timeout_s)
-            except WorkerUnavailable:
-                self.placer.forget_worker_copy(got.copy.key)
+            except (WorkerUnavailable, ModelNotReady) as e:
+                # The worker died, or another gateway evicted the copy after we
+                # routed to it: the request has not run, so it may go elsewhere.
+                await self.placer.copy_lost(got, worker_gone=isinstance(e, WorkerUnavailable))
                 if attempt == 2:
                     raise
                 log.warning(
-                    "worker %s lost mid-request for model=%s; retrying",
-                    got.copy.worker_id,
+                    "copy of model=%s on worker %s lost mid-request (%s); retrying",
                     spec.name,
+                    got.copy.worker_id,
+                    e,
                 )
                 continue
             finally:

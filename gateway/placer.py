@@ -22,12 +22,13 @@ Timeline of a cold request while another is already loading the same model::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 
-from cache.records import CopyKey, CopyState, CopyView
+from cache.records import CopyState, CopyView
 from cache.store import ResidencyStore
 from cache.view import ResidencyView
 from gateway.metrics import Metrics
@@ -171,7 +172,7 @@ class Placer:
 
     async def _load_leader(self, model: str, version: int, deadline: float) -> None:
         remaining = max(0.1, deadline - time.monotonic())
-        async with self.store.load_lock(model, version, timeout_s=remaining):
+        async with self.store.load_lock(model, version, timeout_s=remaining) as fence:
             while time.monotonic() < deadline:
                 if self.view.ready_copies(model, version):
                     return
@@ -193,7 +194,7 @@ class Placer:
                     case pol.Wait():
                         await self._wait_for_change(deadline)
                     case pol.Load():
-                        await self._execute_load(model, version, plan, victims)
+                        await self._execute_load(model, version, plan, victims, fence)
                         return
             raise Unavailable(
                 f"model '{model}': no room on any device before the deadline; "
@@ -224,7 +225,12 @@ class Placer:
         return claimed
 
     async def _execute_load(
-        self, model: str, version: int, plan: pol.Load, victims: list[CopyView] | None
+        self,
+        model: str,
+        version: int,
+        plan: pol.Load,
+        victims: list[CopyView] | None,
+        fence: int,
     ) -> None:
         for victim in victims or []:
             await self.evict(victim, reason="capacity")
@@ -245,7 +251,7 @@ class Placer:
             last_used=now,
             loaded_at=now,
         )
-        if not await self.store.reserve(reservation, plan.device_id, capacity):
+        if not await self.store.reserve(reservation, plan.device_id, capacity, fence=fence):
             raise Unavailable(
                 f"model '{model}': device {plan.device_id} filled up meanwhile", retry_after_s=0.5
             )
@@ -362,6 +368,25 @@ class Placer:
             models=infos,
         )
 
-    def forget_worker_copy(self, key: CopyKey) -> None:
-        """A forward found the worker gone: stop routing to this copy at once."""
+    async def copy_lost(self, acquired: Acquired, worker_gone: bool) -> None:
+        """A forward found the copy gone. Stop routing to it at once; if the worker
+        itself does not answer, drop it from the store, unless it has since been
+        replaced at another address (a restarted local worker keeps its id). A live
+        worker dropped by mistake re-announces itself on its next heartbeat."""
+        key = acquired.copy.key
         self.view.copies.pop(key, None)
+        worker = self.view.workers.get(acquired.copy.worker_id)
+        if not worker_gone or worker is None or worker.address != acquired.client.address:
+            with contextlib.suppress(ModelpoolError):
+                await self.store.remove_copy(key)
+            return
+        try:
+            await acquired.client.status(timeout_s=1.0)
+            return  # it answers: only this request's connection failed
+        except ModelpoolError:
+            pass
+        with contextlib.suppress(ModelpoolError):
+            dropped = await self.store.remove_worker(worker.worker_id)
+            self.clients.drop(worker.worker_id)
+            for c in dropped:
+                self.metrics.evictions.labels(c.model, "worker_lost").inc()

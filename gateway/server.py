@@ -41,8 +41,8 @@ class Gateway:
     config: GatewayConfig
     store: ResidencyStore
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    #: Budget per device id for CPU devices (their memory is what we account).
-    budgets: dict[str, int] = field(default_factory=dict)
+    #: How long start() waits for a shared store before giving up.
+    store_connect_timeout_s: float = 15.0
 
     def __post_init__(self) -> None:
         self.repository = ModelRepository(self.config.model_repository)
@@ -75,6 +75,7 @@ class Gateway:
     async def start(self) -> BoundPorts:
         snap = await self.store.snapshot()
         self.view.reset(snap.workers, snap.devices, snap.copies)
+        await self.store.start()
         cfg = self.config
         rest = create_rest_app(self.dataplane, cfg.max_request_bytes)
         self.ports.http = await self._serve_aiohttp(rest, cfg.http_port)
@@ -139,28 +140,28 @@ class Gateway:
             await asyncio.sleep(self.config.poll_interval_s)
 
     async def poll_once(self) -> None:
+        await self.store.reap_expired()
         seen: set[str] = set()
         for w in list(self.view.workers.values()):
             if w.device_id in seen:
                 continue
-            budget = self.budgets.get(w.device_id)
-            if budget is not None:
-                record = DeviceRecord(w.device_id, total_bytes=budget, source="budget")
-            else:
-                try:
-                    status = await self.clients.get(w.worker_id, w.address).status(timeout_s=5.0)
-                except ModelpoolError:
-                    continue
-                m = status.memory
-                ours = sum(
-                    c.footprint_bytes
-                    for c in self.view.all_copies()
-                    if self.view.workers.get(c.worker_id)
-                    and self.view.workers[c.worker_id].device_id == w.device_id
-                )
-                record = DeviceRecord(
-                    w.device_id, m.total_bytes, m.used_bytes, m.free_bytes, ours, m.source
-                )
+            try:
+                status = await self.clients.get(w.worker_id, w.address).status(timeout_s=5.0)
+            except ModelpoolError:
+                continue
+            m = status.memory
+            ours = sum(
+                c.footprint_bytes
+                for c in self.view.all_copies()
+                if c.worker_id in self.view.workers
+                and self.view.workers[c.worker_id].device_id == w.device_id
+                and c.state != CopyState.LOADING
+            )
+            # The budget is the whole device on CPU; NVML also reports others' memory.
+            used = ours if m.source == "budget" else m.used_bytes
+            record = DeviceRecord(
+                w.device_id, m.total_bytes, used, max(0, m.total_bytes - used), ours, m.source
+            )
             seen.add(w.device_id)
             if self.view.devices.get(w.device_id) != record:
                 await self.store.put_device(record)

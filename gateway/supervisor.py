@@ -43,6 +43,9 @@ class SupervisorConfig:
     restart_backoff_s: float = 0.5
     log_level: str = "INFO"
     max_message_bytes: int = 1 << 30
+    #: Workers heartbeat into this shared store too, so other gateways see them.
+    redis_url: str | None = None
+    redis_namespace: str = "modelpool"
 
 
 class LocalWorkers:
@@ -97,6 +100,14 @@ class LocalWorkers:
             cmd += ["--device-memory-budget", str(self.config.device_memory_budget)]
         if self.config.threads:
             cmd += ["--threads", str(self.config.threads)]
+        if self.config.redis_url:
+            cmd += [
+                "--redis-url",
+                self.config.redis_url,
+                "--redis-namespace",
+                self.config.redis_namespace,
+            ]
+            cmd += ["--node", self.config.node]
         return cmd
 
     async def _spawn(self, slot: WorkerSlot) -> tuple[asyncio.subprocess.Process, str]:

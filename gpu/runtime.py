@@ -50,6 +50,7 @@ class LoadedModel:
     peak_bytes: int
     load_seconds: float
     last_used: float = field(default_factory=time.time)
+    loaded_at: float = field(default_factory=time.time)
     inflight: int = 0
 
 

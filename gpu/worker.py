@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -206,7 +206,14 @@ def _exit_with_parent() -> None:
         os._exit(0)
 
 
-async def serve_worker(config: WorkerConfig, exit_with_parent: bool = False) -> None:
+#: Runs beside the worker's server once it listens, given the worker and the address
+#: gateways should dial (the residency announcer, when a shared store is configured).
+Companion = Callable[["Worker", str], Coroutine[Any, Any, None]]
+
+
+async def serve_worker(
+    config: WorkerConfig, exit_with_parent: bool = False, companion: Companion | None = None
+) -> None:
     if exit_with_parent:
         _exit_with_parent()
     worker = Worker(config)
@@ -232,6 +239,9 @@ async def serve_worker(config: WorkerConfig, exit_with_parent: bool = False) -> 
         f"{READY_LINE} address={address} worker_id={worker.worker_id} pid={os.getpid()}", flush=True
     )
     started = time.monotonic()
+    side = asyncio.create_task(companion(worker, address)) if companion is not None else None
     await stop.wait()
+    if side is not None:
+        side.cancel()
     log.info("worker %s stopping after %.0fs", worker.worker_id, time.monotonic() - started)
     await server.stop(grace=2.0)

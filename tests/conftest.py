@@ -141,3 +141,14 @@ def served_examples(
     s = start_serve(example_repo, log, "--device-memory-budget", "1GiB")
     yield s
     s.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator:
+    """A fresh redis-server on an ephemeral port, killed at teardown."""
+    from tests.redis_server import RedisServer, need_redis
+
+    need_redis()
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
