@@ -74,7 +74,7 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait()
 
-    def client(self):  # noqa: ANN201 - a sync redis.Redis
+    def client(self):
         import redis
 
         return redis.Redis.from_url(self.url, decode_responses=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -131,8 +130,17 @@ async def test_changes_reach_another_process_view(make_store) -> None:
     writer, reader = make_store(), make_store()
     view = ResidencyView()
     seen: list[StoreEvent] = []
+    changed = asyncio.Event()
     reader.subscribe(view.apply)
     reader.subscribe(seen.append)
+    reader.subscribe(lambda _e: changed.set())
+
+    async def until(condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not condition():
+                changed.clear()
+                await changed.wait()
+
     await reader.start()
     if hasattr(reader, "connected"):
         await asyncio.wait_for(reader.connected.wait(), 10)
@@ -140,16 +148,13 @@ async def test_changes_reach_another_process_view(make_store) -> None:
     await writer.put_copy(copy("a"))
     await writer.remove_copy(copy("a").key)
     await writer.put_copy(copy("b"))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not view.ready_copies("b", 1):
-        await asyncio.sleep(0.01)
+    await until(lambda: bool(view.ready_copies("b", 1)))
     assert [c.model for c in view.ready_copies("b", 1)] == ["b"]
     assert not view.ready_copies("a", 1)
     kinds = [type(e) for e in seen if not isinstance(e, Resynced)]
     assert kinds[:4] == [WorkerUp, CopyUpserted, CopyRemoved, CopyUpserted]
     await writer.remove_worker("w1")
-    while time.monotonic() < deadline and view.workers:
-        await asyncio.sleep(0.01)
+    await until(lambda: not view.workers)
     assert not view.workers and isinstance(seen[-1], WorkerDown)
 
 
