@@ -189,6 +189,9 @@ class Placer:
                         return
                     case pol.Reject(reason=reason, retryable=False):
                         raise DoesNotFit(reason)
+                    case pol.Reject(reason=reason) if not self.view.workers:
+                        # Nothing to wait for in this request's lifetime: say so now.
+                        raise Unavailable(f"model '{model}': {reason}", retry_after_s=2.0)
                     case pol.Reject():
                         await self._wait_for_change(deadline)
                     case pol.Wait():
