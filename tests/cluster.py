@@ -13,7 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import ROOT, READY_RE, Served
+from tests.conftest import READY_RE, ROOT, Served
 
 WORKER_RE = re.compile(r"MODELPOOL_WORKER_READY address=(\S+) worker_id=(\S+)")
 
@@ -91,7 +91,7 @@ def status(gateway: Served) -> dict:
         return json.load(r)
 
 
-def wait_for(condition, timeout: float = 20.0, what: str = "condition") -> None:  # noqa: ANN001
+def wait_for(condition, timeout: float = 20.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
