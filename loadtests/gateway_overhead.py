@@ -14,9 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,23 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-READY_RE = re.compile(r"modelpool ready http=(\d+) grpc=(\d+) metrics=(\d+)")
-
-
-def start_serve(
-    repo: Path, extra: list[str], log_path: Path
-) -> tuple[subprocess.Popen[str], int, int]:
-    cmd = [
-        sys.executable, "-m", "gateway.cli", "serve", "--model-repository", str(repo),
-        "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *extra,
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        m = READY_RE.search(line)
-        if m:
-            return proc, int(m[1]), int(m[2])
-    raise RuntimeError(f"modelpool serve did not start; see {log_path}")
+from loadtests.servers import start_serve, stop
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -88,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         from gpu.examples import write_examples
 
         write_examples(repo, count=8)
-    proc, http_port, grpc_port = start_serve(repo, args.serve_arg, work / "serve.log")
+    server = start_serve(repo, args.serve_arg, work / "serve.log")
+    http_port, grpc_port = server.http_port, server.grpc_port
     try:
         http = thttp.InferenceServerClient(f"127.0.0.1:{http_port}")
         grpc = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
@@ -124,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, call in paths.items():
             results[label] = percentiles(time_calls(call, args.requests, label))
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+        stop(server.proc)
 
     base = results["worker grpc (direct)"]
     rows = []
