@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--node", default=None, help="node name in device ids (default: hostname)")
     _add_redis_args(worker, required=False)
 
+    status = sub.add_parser("status", help="workers, devices and resident models of a gateway")
+    status.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway's REST address")
+    status.add_argument(
+        "--watch", type=float, default=None, metavar="SECONDS", help="refresh every SECONDS"
+    )
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+
     examples = sub.add_parser("examples", help="write the example model repository")
     examples.add_argument("--out", required=True)
     examples.add_argument("--count", type=int, default=8)
@@ -124,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
 
         forwarded = ["--out", args.out, "--count", str(args.count), "--seed", str(args.seed)]
         return examples_main(forwarded + (["--large"] if args.large else []))
+    if args.command == "status":
+        from gateway.status_view import run
+
+        try:
+            return run(args.url, args.watch, args.json)
+        except KeyboardInterrupt:
+            return 0
     _setup_logging(args.log_level)
     try:
         if args.command == "worker":

@@ -22,6 +22,7 @@ from cache.view import ResidencyView
 from gateway.errors import outcome_of
 from gateway.metrics import UNKNOWN_MODEL, Metrics
 from gateway.placer import Placer
+from gateway.stats import Statistics
 from gateway.validate import contents_to_raw, validate_request
 from gpu.repository import ModelRepository, ModelSpec
 from placement.errors import ModelNotFound, ModelNotReady, ModelpoolError, WorkerUnavailable
@@ -68,6 +69,7 @@ class DataPlane:
         self.metrics = metrics
         self.infer_timeout_s = infer_timeout_s
         self.ready = True
+        self.statistics = Statistics()
 
     # -- server ------------------------------------------------------------------------
     def live(self) -> bool:
@@ -149,6 +151,20 @@ class DataPlane:
         self, request: pb.ModelInferRequest, label: str, started: float
     ) -> InferOutcome:
         spec, version = self.spec(request.model_name, request.model_version)
+        try:
+            return await self._forward(spec, version, request, label, started)
+        except ModelpoolError:
+            self.statistics.record_failure(spec.name, version, time.monotonic() - started)
+            raise
+
+    async def _forward(
+        self,
+        spec: ModelSpec,
+        version: int,
+        request: pb.ModelInferRequest,
+        label: str,
+        started: float,
+    ) -> InferOutcome:
         contents_to_raw(request)
         validate_request(spec, request)
         request.model_version = str(version)
@@ -179,9 +195,33 @@ class DataPlane:
                 continue
             finally:
                 self.placer.release(got)
-            self.metrics.compute_duration.labels(label).observe(time.monotonic() - compute_started)
+            done = time.monotonic()
+            self.metrics.compute_duration.labels(label).observe(done - compute_started)
+            batch = (
+                int(request.inputs[0].shape[0]) if spec.max_batch_size > 0 and request.inputs else 1
+            )
+            self.statistics.record_success(
+                spec.name,
+                version,
+                batch,
+                done - started,
+                compute_started - started,
+                done - compute_started,
+            )
             return InferOutcome(response, cold)
         raise AssertionError("unreachable")
+
+    def model_statistics(self, name: str = "", version: str = "") -> pb.ModelStatisticsResponse:
+        """Triton's statistics for one model (and version), or every model when ``name``
+        is empty."""
+        if name:
+            spec, v = self.spec(name, version)
+            keys = [(spec.name, v)] if version else [(spec.name, x) for x in spec.versions]
+        else:
+            keys = [
+                (s.name, v) for s in self.repository.specs() if s.error is None for v in s.versions
+            ]
+        return self.statistics.response(keys)
 
     # -- operator view -----------------------------------------------------------------
     def status(self) -> dict[str, Any]:

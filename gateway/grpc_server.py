@@ -75,6 +75,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         outcome = await self._guard(context, self.dp.infer(request, protocol="grpc"))
         return outcome.response
 
+    async def ModelStatistics(self, request, context):
+        return await self._guard(
+            context, _call(self.dp.model_statistics, request.name, request.version)
+        )
+
     async def RepositoryIndex(self, request, context):
         resp = pb.RepositoryIndexResponse()
         for e in self.dp.repository_index(request.ready):

@@ -136,6 +136,13 @@ async def repository_unload(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
+async def model_statistics(request: web.Request) -> web.Response:
+    name = request.match_info.get("model", "")
+    version = request.match_info.get("version", "")
+    stats = request.app[DATAPLANE].model_statistics(name, version)
+    return web.json_response(message_to_json(stats))
+
+
 async def status(request: web.Request) -> web.Response:
     return web.json_response(request.app[DATAPLANE].status())
 
@@ -146,11 +153,14 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", server_metadata)
+    # Before /v2/models/{model}, which would take "stats" for a model name (as in Triton).
+    app.router.add_get("/v2/models/stats", model_statistics)
     for prefix in (plain, versioned):
         app.router.add_get(prefix, model_metadata)
         app.router.add_get(prefix + "/ready", model_ready)
         app.router.add_get(prefix + "/config", model_config)
         app.router.add_post(prefix + "/infer", infer)
+        app.router.add_get(prefix + "/stats", model_statistics)
     app.router.add_post("/v2/repository/index", repository_index)
     app.router.add_post("/v2/repository/models/{model}/load", repository_load)
     app.router.add_post("/v2/repository/models/{model}/unload", repository_unload)

@@ -13,6 +13,7 @@ import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.grpc.aio as tgrpc_aio
 import tritonclient.http as thttp
+from tritonclient.utils import InferenceServerException
 
 from gpu.repository import read_model
 from tests.payloads import inputs_for, torch_reference
@@ -164,3 +165,55 @@ def test_requests_counted_by_outcome(served_examples, protocol: str) -> None:
         "modelpool_requests_total", model=name, protocol=protocol, outcome="success"
     )
     assert after == before + 1
+
+
+def test_triton_statistics_over_http_and_grpc(served_examples) -> None:
+    name = "embed_01_4mb"
+    http = thttp.InferenceServerClient(served_examples.http_url)
+    grpc = tgrpc.InferenceServerClient(served_examples.grpc_url)
+    before = http.get_inference_statistics(name)["model_stats"][0]
+    x = thttp.InferInput("token_ids", [2, 16], "INT64")
+    x.set_data_from_numpy(np.arange(32, dtype=np.int64).reshape(2, 16))
+    for _ in range(3):
+        http.infer(name, [x])
+    bad = thttp.InferInput("token_ids", [2, 15], "INT64")
+    bad.set_data_from_numpy(np.zeros((2, 15), np.int64))
+    with pytest.raises(InferenceServerException):
+        http.infer(name, [bad])
+    after = http.get_inference_statistics(name)["model_stats"][0]
+    assert after["name"] == name and after["version"] == "1"
+    stats, prev = after["inference_stats"], before["inference_stats"]
+    assert stats["success"]["count"] - prev.get("success", {}).get("count", 0) == 3
+    assert stats["fail"]["count"] - prev.get("fail", {}).get("count", 0) == 1
+    assert after["inference_count"] - before.get("inference_count", 0) == 6  # batch 2, three times
+    assert stats["queue"]["ns"] > 0 and stats["compute_infer"]["ns"] > 0
+    g = grpc.get_inference_statistics(name)
+    assert g.model_stats[0].inference_stats.success.count == stats["success"]["count"]
+    every = http.get_inference_statistics()
+    assert {m["name"] for m in every["model_stats"]} >= {name, "mlp_00_2mb"}
+
+
+def test_modelpool_status_shows_resident_models(served_examples) -> None:
+    import subprocess
+    import sys
+
+    client = thttp.InferenceServerClient(served_examples.http_url)
+    x = thttp.InferInput("input", [1, 64], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 64), np.float32))
+    client.infer("mlp_00_2mb", [x])
+    url = f"http://{served_examples.http_url}"
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "status", "--url", url], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("modelpool") and "resident" in lines[0]
+    row = next(line for line in lines if line.startswith("mlp_00_2mb"))
+    assert "READY" in row and "MiB" in row
+    assert any(line.startswith("DEVICE") for line in lines) and any(line.startswith("WORKER") for line in lines)
+    raw = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "status", "--url", url, "--json"], capture_output=True, text=True, timeout=30
+    )
+    doc = json.loads(raw.stdout)
+    assert any(c["model"] == "mlp_00_2mb" and c["state"] == "READY" for c in doc["copies"])
+    assert doc["devices"][0]["total_bytes"] == 1 << 30
