@@ -1,0 +1,210 @@
+"""The open-loop driver: ``run_load(options) -> Report``.
+
+Arrivals are sent at their scheduled time whether or not earlier requests have been
+answered, so a slow server shows up as latency and errors, not as a lower offered
+rate. The run is bounded: the schedule ends at ``duration``, at most
+``max_outstanding`` requests are in flight, and stragglers get ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from loadtests.client import Adapter, RequestFailed, connect
+from loadtests.options import LoadOptions
+from loadtests.probe import MetricsProbe
+from loadtests.report import (
+    DROPPED,
+    UNFINISHED,
+    Outcome,
+    Recorder,
+    Report,
+    SeriesPoint,
+    build_report,
+)
+from loadtests.workload import Arrival, arrivals, plan_workload
+
+log = logging.getLogger(__name__)
+
+#: Slack over the per-request timeout before unanswered requests are abandoned.
+DRAIN_SLACK_S = 2.0
+
+Progress = Callable[[str], None]
+
+
+def stderr_progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+async def discover_models(adapter: Adapter, wanted: tuple[str, ...]) -> list[str]:
+    """Every model the index lists with a version. Unloaded models are listed as
+    UNAVAILABLE but load on first request; one without a version has a broken config."""
+    servable = sorted({e.name for e in await adapter.index() if e.version})
+    if not wanted:
+        if not servable:
+            raise RuntimeError("the repository index lists no servable model")
+        return servable
+    unknown = [m for m in wanted if m not in servable]
+    if unknown:
+        raise RuntimeError(f"models not servable by this server: {unknown} (it has {servable})")
+    return list(wanted)
+
+
+async def run_load(
+    options: LoadOptions,
+    progress: Progress | None = stderr_progress,
+    stop: asyncio.Event | None = None,
+    adapter: Adapter | None = None,
+) -> Report:
+    """One load test against ``options.url``. ``progress`` gets a line per second;
+    setting ``stop`` ends the schedule early and still returns a report. ``adapter``
+    replaces the tritonclient one (another protocol, or a fake in tests); it is closed."""
+    if adapter is None:
+        adapter = connect(options.protocol, options.url, options.timeout, options.max_outstanding)
+    probe = MetricsProbe(options.resolved_metrics_url)
+    try:
+        models = await discover_models(adapter, options.models)
+        prepared = {
+            name: adapter.prepare(await adapter.model_info(name), options.seed + i)
+            for i, name in enumerate(models)
+        }
+        workload = plan_workload(models, options.zipf, options.tenants, options.seed)
+        log.info(
+            "sending %s to %d models at %s rps for %s s (%s, zipf %s, %d tenants)",
+            options.protocol, len(models), options.rate, options.duration,
+            options.arrival, options.zipf, options.tenants,
+        )  # fmt: skip
+        schedule = arrivals(workload, options.rate, options.duration, options.arrival, options.seed)
+        before = await probe.scrape()
+        started_at = time.time()
+        driver = _Driver(options, adapter, probe, prepared, progress, stop)
+        elapsed = await driver.run(schedule)
+        after = await probe.scrape()
+    finally:
+        await probe.close()
+        await adapter.close()
+    return build_report(
+        options, driver.recorder.outcomes, workload.rank, driver.series, before, after,
+        started_at, elapsed,
+    )  # fmt: skip
+
+
+class _Driver:
+    def __init__(
+        self,
+        options: LoadOptions,
+        adapter: Adapter,
+        probe: MetricsProbe,
+        prepared: dict[str, Any],
+        progress: Progress | None,
+        stop: asyncio.Event | None,
+    ) -> None:
+        self.options = options
+        self.adapter = adapter
+        self.probe = probe
+        self.prepared = prepared
+        self.progress = progress
+        self.stop = stop or asyncio.Event()
+        self.recorder = Recorder()
+        self.series: list[SeriesPoint] = []
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.start = 0.0
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time() - self.start
+
+    async def run(self, schedule: Iterable[Arrival]) -> float:
+        """Send the schedule, drain, and return the seconds it all took."""
+        self.start = asyncio.get_running_loop().time()
+        ticks = asyncio.create_task(self._ticker(), name="loadtest-ticker")
+        try:
+            for a in schedule:
+                if self.stop.is_set():
+                    log.info("stopped early at %.1f s", self._now())
+                    break
+                delay = a.t - self._now()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                self._send(a)
+            await self._drain()
+        finally:
+            ticks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticks
+            for task in list(self.inflight):
+                task.cancel()
+        elapsed = self._now()
+        self._tail(elapsed)
+        return elapsed
+
+    def _send(self, a: Arrival) -> None:
+        self.recorder.on_sent()
+        if len(self.inflight) >= self.options.max_outstanding:
+            self.recorder.on_finished(Outcome(a.model, a.tenant, a.t, 0.0, a.t, None, DROPPED))
+            return
+        task = asyncio.create_task(self._one(a))
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+
+    async def _one(self, a: Arrival) -> None:
+        sent = self._now()
+        latency: float | None = None
+        error: str | None = None
+        try:
+            await self.adapter.infer(a.model, self.prepared[a.model])
+            latency = self._now() - sent
+        except RequestFailed as e:
+            error = e.kind
+            log.debug("request to %s failed: %s", a.model, e)
+        except asyncio.CancelledError:
+            # Only the drain deadline cancels these; record it and end quietly.
+            error = UNFINISHED
+        self.recorder.on_finished(
+            Outcome(a.model, a.tenant, a.t, sent - a.t, self._now(), latency, error)
+        )
+
+    async def _drain(self) -> None:
+        """Each request has its own timeout; the slack covers a deadline that did not fire."""
+        if not self.inflight:
+            return
+        _, late = await asyncio.wait(
+            set(self.inflight), timeout=self.options.timeout + DRAIN_SLACK_S
+        )
+        if late:
+            log.warning("%d requests unanswered after the drain deadline", len(late))
+            for task in late:
+                task.cancel()
+            await asyncio.wait(late, timeout=DRAIN_SLACK_S)
+
+    async def _ticker(self) -> None:
+        second = 1
+        while True:
+            await asyncio.sleep(max(0.0, second - self._now()))
+            sample = await self.probe.scrape()
+            now = self._now()
+            point = self.recorder.tick(now, sample)
+            self.series.append(point)
+            if self.progress is not None:
+                self.progress(self.recorder.progress(now, point))
+            second = max(second + 1, int(now) + 1)
+
+    def _tail(self, elapsed: float) -> None:
+        """The last, partial window; it has no scrape of its own, so it keeps the last."""
+        point = self.recorder.tick(elapsed, None)
+        if not (point.sent or point.done):
+            return
+        if self.series:
+            last = self.series[-1]
+            point = dataclasses.replace(
+                point,
+                resident_models=last.resident_models,
+                device_memory_used_bytes=last.device_memory_used_bytes,
+            )
+        self.series.append(point)
