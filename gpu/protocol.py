@@ -49,9 +49,13 @@ class UnloadRequest:
 
 @dataclass(frozen=True)
 class UnloadResult:
+    """``retained_bytes``: what the device allocator still held after the copy went;
+    above a threshold the worker process is recycled to get it back."""
+
     model: str
     version: int
     freed_bytes: int
+    retained_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,10 @@ class ModelSpec:
     artifacts: dict[int, Path]
     config: mc.ModelConfig
     error: str | None = None
+    #: From ``parameters { key: "modelpool.pinned" ... }``: never evicted.
+    pinned: bool = False
+    #: From ``modelpool.estimated_bytes``: the operator's size before a first load.
+    declared_bytes: int | None = None
 
     @property
     def latest(self) -> int:
@@ -88,6 +92,9 @@ class ModelSpec:
         return self.artifacts[version].stat().st_size
 
     def estimated_bytes(self, version: int) -> int:
+        """Bytes to reserve before a first load has measured the model."""
+        if self.declared_bytes is not None:
+            return self.declared_bytes
         return max(ESTIMATE_FLOOR_BYTES, int(self.artifact_bytes(version) * ESTIMATE_HEADROOM))
 
 
@@ -217,6 +224,10 @@ def read_model(model_dir: Path) -> ModelSpec:
         return failed(
             f"{model_dir}: no version directory holds {filename} under the version policy"
         )
+    try:
+        pinned, declared = _modelpool_parameters(config)
+    except ValueError as e:
+        return failed(f"{cfg_path}: {e}")
     return ModelSpec(
         name=name,
         platform=config.platform,
@@ -226,4 +237,23 @@ def read_model(model_dir: Path) -> ModelSpec:
         versions=tuple(sorted(artifacts)),
         artifacts=artifacts,
         config=config,
+        pinned=pinned,
+        declared_bytes=declared,
     )
+
+
+def _modelpool_parameters(config: mc.ModelConfig) -> tuple[bool, int | None]:
+    """modelpool's own settings ride in Triton's free-form ``parameters`` map, so the
+    same config.pbtxt still loads in Triton."""
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    pinned_text = params.get("modelpool.pinned", "false").strip().lower()
+    if pinned_text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"parameter modelpool.pinned must be true or false, not '{pinned_text}'")
+    declared = params.get("modelpool.estimated_bytes")
+    if declared is not None:
+        from placement.units import parse_size
+
+        declared_bytes: int | None = parse_size(declared)
+    else:
+        declared_bytes = None
+    return pinned_text in ("true", "1", "yes"), declared_bytes

@@ -23,11 +23,23 @@ from placement.errors import (
     InvalidInput,
     ModelLoadError,
     ModelNotReady,
+    OutOfMemory,
     Unavailable,
 )
 
 log = logging.getLogger(__name__)
 
+_WIRE_TO_TORCH = {
+    "BOOL": torch.bool,
+    "UINT8": torch.uint8,
+    "INT8": torch.int8,
+    "INT16": torch.int16,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "FP16": torch.float16,
+    "FP32": torch.float32,
+    "FP64": torch.float64,
+}
 _TORCH_TO_WIRE = {
     torch.bool: "BOOL",
     torch.uint8: "UINT8",
@@ -103,16 +115,20 @@ class ModelRuntime:
             module.eval()
         except torch.OutOfMemoryError as e:
             self._release()
-            raise ModelLoadError(
-                f"model '{name}' version {version}: out of device memory: {e}"
+            raise OutOfMemory(
+                f"model '{name}' version {version}: out of device memory while loading",
+                retry_after_s=1.0,
             ) from e
         except Exception as e:  # torch raises RuntimeError/ValueError/zip errors for bad files
             self._release()
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ModelLoadError(f"model '{name}': cannot load {path}: {reason}") from e
         if cuda:
+            self._warm_up(spec, module)
             torch.cuda.synchronize(self.device)
             footprint = torch.cuda.memory_allocated(self.device) - before
+            # The peak includes a first forward's activations and workspaces: what the
+            # next admission of this model must find free, not only its weights.
             peak = torch.cuda.max_memory_allocated(self.device) - before
         else:
             footprint = peak = _module_bytes(module)
@@ -136,22 +152,49 @@ class ModelRuntime:
         )
         return loaded
 
-    def unload(self, name: str, version: int) -> int:
-        """Drop a copy; returns the bytes it held. Refuses while requests are in flight."""
+    def _warm_up(self, spec: ModelSpec, module: torch.jit.ScriptModule) -> None:
+        """One forward on zeros shaped from the config (batch 1, -1 dims as 1), to
+        measure the peak; a model that rejects zeros is measured without it."""
+        args = []
+        for t in spec.inputs:
+            shape = ([1] if spec.max_batch_size > 0 else []) + [max(1, d) for d in t.dims]
+            args.append(torch.zeros(shape, dtype=_WIRE_TO_TORCH[t.datatype], device=self.device))
+        try:
+            with torch.inference_mode():
+                module(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # the model's own input checks; only a measurement is lost
+            log.info(
+                "warm-up of model=%s skipped: %s",
+                spec.name,
+                str(e).splitlines()[0] if str(e) else e,
+            )
+
+    def unload(self, name: str, version: int) -> tuple[int, int]:
+        """Drop a copy; returns (bytes it held, bytes still held after it went: memory
+        the allocator did not give back). Refuses while requests are in flight."""
         with self._lock:
             loaded = self.models.get((name, version))
             if loaded is None:
-                return 0
+                return 0, 0
             if loaded.inflight:
                 raise Unavailable(
                     f"model '{name}' version {version} has {loaded.inflight} requests in flight"
                 )
             del self.models[(name, version)]
         freed = loaded.footprint_bytes
+        before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         del loaded
         self._release()
-        log.info("unloaded model=%s version=%s freed=%d", name, version, freed)
-        return freed
+        retained = 0
+        if self.device.type == "cuda":
+            returned = before - torch.cuda.memory_allocated(self.device)
+            retained = max(0, freed - returned)
+        log.info(
+            "unloaded model=%s version=%s freed=%d retained=%d", name, version, freed, retained
+        )
+        return freed, retained
 
     def _release(self) -> None:
         if self.device.type == "cuda":
@@ -186,7 +229,7 @@ class ModelRuntime:
                     result = loaded.module(*args)
             except torch.OutOfMemoryError as e:
                 self._release()
-                raise Unavailable(
+                raise OutOfMemory(
                     f"model '{spec.name}': out of device memory during inference"
                 ) from e
             except Exception as e:  # a model's own error must never take the worker down
@@ -234,8 +277,10 @@ class ModelRuntime:
     ) -> pb.ModelInferResponse:
         values = list(result) if isinstance(result, (tuple, list)) else [result]
         tensors = [t for t in values if isinstance(t, torch.Tensor)]
-        if len(values) != len(spec.outputs) or len(tensors) != len(values) or not all(
-            isinstance(t, torch.Tensor) for t in tensors
+        if (
+            len(values) != len(spec.outputs)
+            or len(tensors) != len(values)
+            or not all(isinstance(t, torch.Tensor) for t in tensors)
         ):
             raise InferenceError(
                 f"model '{spec.name}' returned {len(values)} values; its config declares "

@@ -102,8 +102,10 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def unload(self, req: protocol.UnloadRequest) -> protocol.UnloadResult:
-        freed = await self._run(self._load_pool, self.runtime.unload, req.model, req.version)
-        return protocol.UnloadResult(model=req.model, version=req.version, freed_bytes=freed)
+        freed, retained = await self._run(
+            self._load_pool, self.runtime.unload, req.model, req.version
+        )
+        return protocol.UnloadResult(req.model, req.version, freed, retained)
 
     async def status(self, _req: object = None) -> protocol.WorkerStatus:
         copies = tuple(

@@ -59,6 +59,11 @@ class InferenceError(ModelpoolError):
     worker survives."""
 
 
+class OutOfMemory(Unavailable):
+    """A load or a request ran out of device memory. The copy is released; placement
+    may try elsewhere with a larger reservation. HTTP 503 with Retry-After."""
+
+
 class WorkerUnavailable(Unavailable):
     """The worker holding the copy went away mid-request."""
 

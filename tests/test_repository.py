@@ -99,3 +99,14 @@ def test_repository_lists_all_finds_new_models_and_rejects_escapes(tmp_path: Pat
             check_model_name(bad)
     with pytest.raises(ModelNotFound):
         repo.get("absent")
+
+
+def test_modelpool_parameters_pin_and_declared_size(tmp_path: Path) -> None:
+    extra = (
+        'parameters { key: "modelpool.pinned" value { string_value: "true" } }\n'
+        'parameters { key: "modelpool.estimated_bytes" value { string_value: "64MB" } }'
+    )
+    spec = read_model(_model(tmp_path, "m", extra=extra))
+    assert spec.error is None and spec.pinned and spec.estimated_bytes(1) == 64_000_000
+    d = _model(tmp_path, "bad", extra='parameters { key: "modelpool.pinned" value { string_value: "maybe" } }')
+    assert "modelpool.pinned" in (read_model(d).error or "")
