@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 
+from gateway.config import GatewayConfig
 from placement.units import parse_size
 
 log = logging.getLogger("modelpool")
@@ -50,6 +51,42 @@ def _add_gateway_args(p: argparse.ArgumentParser) -> None:
         "--min-residency", type=float, default=0.0, help="seconds before a new copy may be evicted"
     )
     p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--high-watermark",
+        type=float,
+        default=0.95,
+        help="fraction of a device loads may fill; above it, evict (default 0.95)",
+    )
+    p.add_argument(
+        "--low-watermark",
+        type=float,
+        default=0.85,
+        help="pressure eviction stops here (default 0.85)",
+    )
+    p.add_argument(
+        "--replicate-hot-rps",
+        type=float,
+        default=50.0,
+        help="requests/s per copy above which a model gets another copy",
+    )
+    p.add_argument(
+        "--replicate-cool-rps",
+        type=float,
+        default=10.0,
+        help="requests/s per copy below which extra copies go",
+    )
+    p.add_argument(
+        "--max-copies",
+        type=int,
+        default=4,
+        help="most copies of one model; 1 turns replication off",
+    )
+    p.add_argument(
+        "--housekeeping-interval",
+        type=float,
+        default=1.0,
+        help="seconds between device reads, pressure checks and replication plans",
+    )
 
 
 def _add_redis_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -238,6 +275,7 @@ async def _serve(args: argparse.Namespace) -> int:
         gateway.clients,
         gateway.metrics,
     )
+    gateway.placer.on_memory_retained = supervisor.recycle
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -263,8 +301,9 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gateway_config(args: argparse.Namespace):
-    from gateway.config import GatewayConfig
+def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    from placement.pressure import Watermarks
+    from placement.replication import ReplicationConfig
 
     return GatewayConfig(
         model_repository=args.model_repository,
@@ -276,6 +315,11 @@ def _gateway_config(args: argparse.Namespace):
         infer_timeout_s=args.infer_timeout,
         load_timeout_s=args.load_timeout,
         min_residency_s=args.min_residency,
+        watermarks=Watermarks(high=args.high_watermark, low=args.low_watermark),
+        poll_interval_s=args.housekeeping_interval,
+        replication=None
+        if args.max_copies <= 1
+        else ReplicationConfig(args.replicate_hot_rps, args.replicate_cool_rps, args.max_copies),
     )
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from placement.pressure import Watermarks
+from placement.replication import ReplicationConfig
 from placement.units import parse_size
 
 __all__ = ["GatewayConfig", "parse_size"]
@@ -27,8 +29,11 @@ class GatewayConfig:
     #: Copies younger than this are not evicted (stops thrashing under bursts).
     min_residency_s: float = 0.0
     policy: str = "lru"
-    #: How often device memory is read from the workers.
+    #: How often device memory is read, pressure checked and replication planned.
     poll_interval_s: float = 1.0
+    watermarks: Watermarks = field(default_factory=Watermarks)
+    #: None turns replication off.
+    replication: ReplicationConfig | None = field(default_factory=ReplicationConfig)
 
     def __post_init__(self) -> None:
         for name in ("http_port", "grpc_port", "metrics_port"):

@@ -77,13 +77,21 @@ class Metrics:
         )
         self.evictions = Counter(
             "modelpool_model_evictions",
-            "Copies this gateway unloaded, by reason (capacity, pressure, unload, worker_lost).",
+            "Copies this gateway unloaded, by reason: capacity (room for a load), pressure "
+            "(device above its high watermark), cooled (an extra replica no longer needed), "
+            "unload (asked by a client), worker_lost (its worker died).",
             ["model", "reason"],
             registry=registry,
         )
         self.cold_starts = Counter(
             "modelpool_cold_starts",
             "Requests that had to wait for a load of their model.",
+            ["model"],
+            registry=registry,
+        )
+        self.replications = Counter(
+            "modelpool_model_replications",
+            "Extra copies this gateway loaded because a model was hot.",
             ["model"],
             registry=registry,
         )

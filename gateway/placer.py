@@ -22,10 +22,12 @@ Timeline of a cold request while another is already loading the same model::
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cache.records import CopyState, CopyView
@@ -40,9 +42,11 @@ from placement.errors import (
     DoesNotFit,
     ModelLoadError,
     ModelpoolError,
+    OutOfMemory,
     Unavailable,
     WorkerUnavailable,
 )
+from placement.pressure import Watermarks
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,9 @@ class Placer:
         load_timeout_s: float,
         acquire_timeout_s: float,
         min_residency_s: float = 0.0,
+        watermarks: Watermarks | None = None,
+        retained_limit_bytes: int = 256 << 20,
+        on_memory_retained: Callable[[str], None] | None = None,
     ) -> None:
         self.repository = repository
         self.store = store
@@ -83,6 +90,11 @@ class Placer:
         self.load_timeout_s = load_timeout_s
         self.acquire_timeout_s = acquire_timeout_s
         self.min_residency_s = min_residency_s
+        self.watermarks = watermarks or Watermarks()
+        #: An unload that leaves more than this on the device gets its worker recycled.
+        self.retained_limit_bytes = retained_limit_bytes
+        self.on_memory_retained = on_memory_retained
+        self.plan: Callable[[ClusterView, pol.PlacementRequest], pol.Plan] = pol.plan_lru
         self._flights: dict[tuple[str, int], asyncio.Future[None]] = {}
         #: Plans are computed and their reservations made one at a time per gateway,
         #: so two cold models never both count the same free bytes.
@@ -90,6 +102,9 @@ class Placer:
         #: Peak bytes and load seconds measured on the last load of each model version.
         self.measured: dict[tuple[str, int], tuple[int, float]] = {}
         self.failures: dict[tuple[str, int], LoadFailure] = {}
+        #: Requests routed per model version since start; the housekeeper turns
+        #: these into rates for replication.
+        self.requests_by_model: collections.Counter[tuple[str, int]] = collections.Counter()
         self._copy_changed = asyncio.Event()
         store.subscribe(lambda _event: self._copy_changed.set())
 
@@ -101,6 +116,7 @@ class Placer:
             return None
         copy = pol.choose_route(ready)
         worker = self.view.workers[copy.worker_id]
+        self.requests_by_model[(model, version)] += 1
         self.view.inflight[copy.key] += 1
         self.view.last_used[copy.key] = time.time()
         return Acquired(copy, self.clients.get(worker.worker_id, worker.address), cold=False)
@@ -172,18 +188,21 @@ class Placer:
 
     async def _load_leader(self, model: str, version: int, deadline: float) -> None:
         remaining = max(0.1, deadline - time.monotonic())
+        ooms = 0
         async with self.store.load_lock(model, version, timeout_s=remaining) as fence:
             while time.monotonic() < deadline:
                 if self.view.ready_copies(model, version):
                     return
                 async with self._plan_lock:
-                    plan = pol.plan_lru(
-                        self._cluster_view(model, version), self._request(model, version)
+                    plan = self.plan(
+                        self.cluster_view(model, version), self._request(model, version)
                     )
+                    victims: list[CopyView] = []
                     if isinstance(plan, pol.Load):
-                        victims = self._claim_victims(plan.evict)
-                        if victims is None:
-                            continue  # someone started using a victim; plan again
+                        claimed = self.claim_victims(plan.evict)
+                        if claimed is None:
+                            continue  # a victim got a request meanwhile; plan again
+                        victims = claimed
                 match plan:
                     case pol.Route():
                         return
@@ -192,13 +211,20 @@ class Placer:
                     case pol.Reject(reason=reason) if not self.view.workers:
                         # Nothing to wait for in this request's lifetime: say so now.
                         raise Unavailable(f"model '{model}': {reason}", retry_after_s=2.0)
-                    case pol.Reject():
-                        await self._wait_for_change(deadline)
-                    case pol.Wait():
+                    case pol.Reject() | pol.Wait():
                         await self._wait_for_change(deadline)
                     case pol.Load():
-                        await self._execute_load(model, version, plan, victims, fence)
-                        return
+                        try:
+                            if await self._execute_load(model, version, plan, victims, fence):
+                                return
+                            # Another model's load took the room we freed: plan again.
+                        except OutOfMemory:
+                            ooms += 1
+                            if ooms > 2:
+                                raise
+                            # The estimate was short: ask for half as much again.
+                            need = int(plan.reserve_bytes * 1.5)
+                            self.measured[(model, version)] = (need, self.load_timeout_s)
             raise Unavailable(
                 f"model '{model}': no room on any device before the deadline; "
                 "copies are busy or loading",
@@ -214,7 +240,7 @@ class Placer:
             pass
 
     # -- plan execution ----------------------------------------------------------------
-    def _claim_victims(self, victims: tuple[CopyView, ...]) -> list[CopyView] | None:
+    def claim_victims(self, victims: tuple[CopyView, ...]) -> list[CopyView] | None:
         """Mark victims UNLOADING in the local view, in this same event-loop step in
         which they were checked idle, so no request can acquire them. None if any is
         busy now."""
@@ -232,18 +258,16 @@ class Placer:
         model: str,
         version: int,
         plan: pol.Load,
-        victims: list[CopyView] | None,
+        victims: list[CopyView],
         fence: int,
-    ) -> None:
-        for victim in victims or []:
+    ) -> bool:
+        """Unload the victims, reserve, load, publish READY. False when the device
+        filled up between plan and reservation (the caller plans again)."""
+        for victim in victims:
             await self.evict(victim, reason="capacity")
         worker = self.view.workers.get(plan.worker_id)
         if worker is None:
-            raise Unavailable(
-                f"model '{model}': worker {plan.worker_id} went away", retry_after_s=1.0
-            )
-        device = self.view.devices.get(plan.device_id)
-        capacity = device.total_bytes - device.used_other_bytes if device else plan.reserve_bytes
+            return False
         now = time.time()
         reservation = CopyView(
             model=model,
@@ -254,23 +278,30 @@ class Placer:
             last_used=now,
             loaded_at=now,
         )
-        if not await self.store.reserve(reservation, plan.device_id, capacity, fence=fence):
-            raise Unavailable(
-                f"model '{model}': device {plan.device_id} filled up meanwhile", retry_after_s=0.5
-            )
-        client = self.clients.get(worker.worker_id, worker.address)
+        if not await self.store.reserve(
+            reservation, plan.device_id, self.admit_bytes(plan.device_id), fence=fence
+        ):
+            return False
+        await self.load_reserved(reservation, worker.worker_id, worker.address)
+        return True
+
+    async def load_reserved(self, reservation: CopyView, worker_id: str, address: str) -> None:
+        """Load a copy whose bytes are reserved; on failure the reservation goes."""
+        model, version = reservation.model, reservation.version
+        client = self.clients.get(worker_id, address)
         started = time.monotonic()
         try:
             result = await client.load(model, version, timeout_s=self.load_timeout_s)
         except BaseException as e:
-            await self.store.remove_copy(reservation.key)
+            with contextlib.suppress(ModelpoolError):
+                await self.store.remove_copy(reservation.key)
             self.metrics.loads.labels(model, "failure").inc()
             if isinstance(e, ModelLoadError):
                 spec = self.repository.get(model)
                 path = spec.artifacts.get(version)
                 mtime = path.stat().st_mtime if path is not None and path.exists() else 0.0
                 self.failures[(model, version)] = LoadFailure(e.message, mtime)
-            log.warning("load failed model=%s worker=%s: %s", model, worker.worker_id, e)
+            log.warning("load failed model=%s worker=%s: %s", model, worker_id, e)
             raise
         elapsed = time.monotonic() - started
         self.metrics.loads.labels(model, "success").inc()
@@ -288,12 +319,16 @@ class Placer:
         )
         log.info(
             "placed model=%s version=%d worker=%s footprint=%d load_s=%.3f",
-            model,
-            version,
-            worker.worker_id,
-            result.footprint_bytes,
-            elapsed,
-        )
+            model, version, worker_id, result.footprint_bytes, elapsed,
+        )  # fmt: skip
+
+    def admit_bytes(self, device_id: str) -> int:
+        """What our copies may commit on a device: up to the high watermark, less what
+        other processes hold."""
+        device = self.view.devices.get(device_id)
+        if device is None:
+            return 0
+        return int(device.total_bytes * self.watermarks.high) - device.used_other_bytes
 
     async def evict(self, copy: CopyView, reason: str) -> None:
         """Unload a copy already marked UNLOADING; a refusal (busy on the worker) puts
@@ -305,12 +340,19 @@ class Placer:
         await self.store.put_copy(copy)
         client = self.clients.get(worker.worker_id, worker.address)
         try:
-            await client.unload(copy.model, copy.version, timeout_s=self.load_timeout_s)
+            result = await client.unload(copy.model, copy.version, timeout_s=self.load_timeout_s)
         except WorkerUnavailable:
-            pass  # the worker is gone; its memory went with it
+            result = None  # the worker is gone; its memory went with it
         except ModelpoolError:
             await self.store.put_copy(dataclasses.replace(copy, state=CopyState.READY))
             raise
+        if result is not None and result.retained_bytes > self.retained_limit_bytes:
+            log.warning(
+                "worker %s kept %d bytes after unloading model=%s; recycling it",
+                worker.worker_id, result.retained_bytes, copy.model,
+            )  # fmt: skip
+            if self.on_memory_retained is not None:
+                self.on_memory_retained(worker.worker_id)
         await self.store.remove_copy(copy.key)
         self.metrics.evictions.labels(copy.model, reason).inc()
         log.info(
@@ -333,7 +375,7 @@ class Placer:
                 c for c in mine if c.state == CopyState.READY and not self.view.inflight.get(c.key)
             ]
             for c in idle:
-                claimed = self._claim_victims((c,))
+                claimed = self.claim_victims((c,))
                 if claimed:
                     await self.evict(claimed[0], reason="unload")
                     count += 1
@@ -353,17 +395,23 @@ class Placer:
         measured = self.measured.get((model, version))
         return ModelInfo(
             name=model,
-            estimated_bytes=spec.estimated_bytes(version),
+            estimated_bytes=spec.estimated_bytes(version) if version in spec.artifacts else 0,
             measured_bytes=measured[0] if measured else None,
             load_seconds=measured[1] if measured else None,
+            pinned=spec.pinned,
         )
 
-    def _cluster_view(self, model: str, version: int) -> ClusterView:
+    def cluster_view(self, model: str, version: int | None, admission: bool = True) -> ClusterView:
+        """The view placement decides on. With ``admission`` each device's total is cut
+        to its high watermark, so loads never fill past it."""
         copies = tuple(self.view.all_copies())
-        infos = {model: self.model_info(model, version)}
+        infos = {c.model: self.model_info(c.model, c.version) for c in copies}
+        if version is not None:
+            infos[model] = self.model_info(model, version)
+        high = self.watermarks.high if admission else 1.0
         return ClusterView(
             devices=tuple(
-                DeviceView(d.device_id, d.total_bytes, d.used_other_bytes)
+                DeviceView(d.device_id, int(d.total_bytes * high), d.used_other_bytes)
                 for d in self.view.devices.values()
             ),
             workers=tuple(WorkerView(w.worker_id, w.device_id) for w in self.view.workers.values()),

@@ -13,12 +13,13 @@ import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from cache.records import CopyState, DeviceRecord
+from cache.records import CopyState
 from cache.store import ResidencyStore
 from cache.view import ResidencyView
 from gateway.config import GatewayConfig
 from gateway.dataplane import DataPlane
 from gateway.grpc_server import create_grpc_server
+from gateway.housekeeping import Housekeeper
 from gateway.metrics import Metrics
 from gateway.placer import Placer
 from gateway.rest import create_rest_app
@@ -58,6 +59,16 @@ class Gateway:
             self.metrics,
             load_timeout_s=self.config.load_timeout_s,
             acquire_timeout_s=self.config.acquire_timeout_s,
+            min_residency_s=self.config.min_residency_s,
+            watermarks=self.config.watermarks,
+        )
+        self.housekeeper = Housekeeper(
+            self.store,
+            self.view,
+            self.clients,
+            self.placer,
+            self.metrics,
+            replication=self.config.replication,
             min_residency_s=self.config.min_residency_s,
         )
         self.dataplane = DataPlane(
@@ -130,49 +141,22 @@ class Gateway:
                 self.metrics.device_memory.labels(d.device_id, kind).set(value)
 
     async def _poll_devices(self) -> None:
-        """Read device memory from one worker per device, publish it, and batch this
-        gateway's last-use times into the store."""
         while True:
             try:
-                await self.poll_once()
+                await self.housekeeper.tick()
             except ModelpoolError as e:
-                log.warning("device poll failed: %s", e)
+                log.warning("housekeeping failed: %s", e)
             await asyncio.sleep(self.config.poll_interval_s)
 
     async def poll_once(self) -> None:
-        await self.store.reap_expired()
-        seen: set[str] = set()
-        for w in list(self.view.workers.values()):
-            if w.device_id in seen:
-                continue
-            try:
-                status = await self.clients.get(w.worker_id, w.address).status(timeout_s=5.0)
-            except ModelpoolError:
-                continue
-            m = status.memory
-            ours = sum(
-                c.footprint_bytes
-                for c in self.view.all_copies()
-                if c.worker_id in self.view.workers
-                and self.view.workers[c.worker_id].device_id == w.device_id
-                and c.state != CopyState.LOADING
-            )
-            # The budget is the whole device on CPU; NVML also reports others' memory.
-            used = ours if m.source == "budget" else m.used_bytes
-            record = DeviceRecord(
-                w.device_id, m.total_bytes, used, max(0, m.total_bytes - used), ours, m.source
-            )
-            seen.add(w.device_id)
-            if self.view.devices.get(w.device_id) != record:
-                await self.store.put_device(record)
-        if self.view.last_used:
-            await self.store.touch(dict(self.view.last_used))
+        await self.housekeeper.refresh_devices()
 
     async def stop(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
+        await self.housekeeper.close()
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         for runner in reversed(self._runners):

@@ -162,6 +162,16 @@ class LocalWorkers:
             self.restarts[slot.worker_id] += 1
             await asyncio.sleep(self.config.restart_backoff_s)
 
+    def recycle(self, worker_id: str) -> None:
+        """Restart a worker whose device memory did not come back after unloads (the
+        CUDA caching allocator can keep it); its copies are dropped and reload on
+        demand elsewhere or on the fresh process."""
+        proc = self.procs.get(worker_id)
+        if proc is not None and proc.returncode is None:
+            log.warning("recycling worker %s to return its device memory", worker_id)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+
     async def worker_lost(self, worker_id: str) -> None:
         dropped = await self.store.remove_worker(worker_id)
         self.clients.drop(worker_id)

@@ -1,0 +1,170 @@
+"""The gateway's periodic work, once per ``poll_interval_s``:
+
+- reap workers whose heartbeats lapsed (shared stores);
+- read device memory from one worker per device and publish it;
+- evict down to the low watermark on devices above the high one (a foreign process
+  grew, or a model measured bigger than its estimate);
+- replicate hot models and shrink cooled ones;
+- write this gateway's last-use times to the store in one batch.
+
+Decisions come from placement/ (``pressure_victims``, ``plan_replication``); this
+module only gathers the inputs and carries the plans out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from cache.records import CopyState, CopyView, DeviceRecord
+from cache.store import ResidencyStore
+from cache.view import ResidencyView
+from gateway.metrics import Metrics
+from gateway.placer import Placer
+from gateway.workers import WorkerClients
+from placement.errors import ModelpoolError
+from placement.pressure import pressure_victims
+from placement.replication import Replicate, ReplicationConfig, Shrink, plan_replication
+
+log = logging.getLogger(__name__)
+
+#: Weight of the newest interval in the request-rate average: about a 5 s memory at a
+#: 1 s tick, quick enough to catch a burst, slow enough not to flap on one.
+RATE_ALPHA = 0.3
+
+
+class Housekeeper:
+    def __init__(
+        self,
+        store: ResidencyStore,
+        view: ResidencyView,
+        clients: WorkerClients,
+        placer: Placer,
+        metrics: Metrics,
+        replication: ReplicationConfig | None,
+        min_residency_s: float,
+    ) -> None:
+        self.store = store
+        self.view = view
+        self.clients = clients
+        self.placer = placer
+        self.metrics = metrics
+        self.replication = replication
+        self.min_residency_s = min_residency_s
+        self.rates: dict[tuple[str, int], float] = {}
+        self._counted: dict[tuple[str, int], int] = {}
+        self._last_tick = time.monotonic()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def tick(self) -> None:
+        await self.store.reap_expired()
+        await self.refresh_devices()
+        await self.relieve_pressure()
+        self._update_rates()
+        if self.replication is not None:
+            await self.replicate(self.replication)
+        if self.view.last_used:
+            await self.store.touch(dict(self.view.last_used))
+
+    async def refresh_devices(self) -> None:
+        seen: set[str] = set()
+        for w in list(self.view.workers.values()):
+            if w.device_id in seen:
+                continue
+            try:
+                status = await self.clients.get(w.worker_id, w.address).status(timeout_s=5.0)
+            except ModelpoolError:
+                continue
+            m = status.memory
+            ours = sum(
+                c.footprint_bytes
+                for c in self.view.all_copies()
+                if c.worker_id in self.view.workers
+                and self.view.workers[c.worker_id].device_id == w.device_id
+                and c.state != CopyState.LOADING
+            )
+            # The budget is the whole device on CPU; NVML also reports others' memory.
+            used = ours if m.source == "budget" else m.used_bytes
+            record = DeviceRecord(
+                w.device_id, m.total_bytes, used, max(0, m.total_bytes - used), ours, m.source
+            )
+            seen.add(w.device_id)
+            if self.view.devices.get(w.device_id) != record:
+                await self.store.put_device(record)
+
+    async def relieve_pressure(self) -> None:
+        view = self.placer.cluster_view("", None, admission=False)
+        now = time.time()
+        for device in view.devices:
+            victims = pressure_victims(
+                view, device, self.placer.watermarks, now, self.min_residency_s
+            )
+            if not victims:
+                continue
+            log.warning(
+                "device %s above its high watermark; evicting %s",
+                device.device_id, ", ".join(v.model for v in victims),
+            )  # fmt: skip
+            for victim in victims:
+                claimed = self.placer.claim_victims((victim,))
+                if claimed:
+                    with contextlib.suppress(ModelpoolError):
+                        await self.placer.evict(claimed[0], reason="pressure")
+
+    def _update_rates(self) -> None:
+        now = time.monotonic()
+        elapsed = max(1e-3, now - self._last_tick)
+        self._last_tick = now
+        counts = self.placer.requests_by_model
+        for key, total in counts.items():
+            fresh = (total - self._counted.get(key, 0)) / elapsed
+            self._counted[key] = total
+            self.rates[key] = RATE_ALPHA * fresh + (1 - RATE_ALPHA) * self.rates.get(key, fresh)
+
+    async def replicate(self, config: ReplicationConfig) -> None:
+        view = self.placer.cluster_view("", None)
+        for action in plan_replication(view, self.rates, config, time.time(), self.min_residency_s):
+            match action:
+                case Replicate():
+                    self._spawn(self._add_copy(action))
+                case Shrink(copy=copy):
+                    claimed = self.placer.claim_victims((copy,))
+                    if claimed:
+                        with contextlib.suppress(ModelpoolError):
+                            await self.placer.evict(claimed[0], reason="cooled")
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _add_copy(self, action: Replicate) -> None:
+        """Load one more copy in the background, under the model's load lock so it
+        never races a cold load of the same model."""
+        worker = self.view.workers.get(action.worker_id)
+        if worker is None:
+            return
+        now = time.time()
+        reservation = CopyView(
+            action.model, action.version, action.worker_id, CopyState.LOADING,
+            action.reserve_bytes, last_used=now, loaded_at=now,
+        )  # fmt: skip
+        try:
+            async with self.store.load_lock(action.model, action.version, timeout_s=1.0) as fence:
+                capacity = self.placer.admit_bytes(action.device_id)
+                if not await self.store.reserve(
+                    reservation, action.device_id, capacity, fence=fence
+                ):
+                    return
+                log.info("replicating hot model=%s to worker %s", action.model, action.worker_id)
+                await self.placer.load_reserved(reservation, worker.worker_id, worker.address)
+                self.metrics.replications.labels(action.model).inc()
+        except ModelpoolError as e:
+            log.info("replication of model=%s skipped: %s", action.model, e)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
