@@ -102,9 +102,12 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def unload(self, req: protocol.UnloadRequest) -> protocol.UnloadResult:
-        freed, retained = await self._run(
-            self._load_pool, self.runtime.unload, req.model, req.version
-        )
+        # The load's lock: a load and an unload of one model never interleave.
+        lock = self._load_locks.setdefault((req.model, req.version), asyncio.Lock())
+        async with lock:
+            freed, retained = await self._run(
+                self._load_pool, self.runtime.unload, req.model, req.version
+            )
         return protocol.UnloadResult(req.model, req.version, freed, retained)
 
     async def status(self, _req: object = None) -> protocol.WorkerStatus:

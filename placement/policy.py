@@ -100,7 +100,8 @@ def plan_lru(view: ClusterView, req: PlacementRequest) -> Plan:
     """Classic size-aware LRU placement.
 
     1. A READY copy exists: route to the least busy one.
-    2. One is LOADING: wait for it (one load per model, however many ask).
+    2. One is LOADING: wait for it (one load per model, however many ask); one is
+       UNLOADING: wait until it is gone.
     3. A device has room: load on the one with the most free bytes.
     4. Otherwise evict least-recently-used idle copies on the device whose victims are
        the coldest (their newest last use is the oldest), never one with requests in
@@ -112,9 +113,11 @@ def plan_lru(view: ClusterView, req: PlacementRequest) -> Plan:
     ready = [c for c in mine if c.state == CopyState.READY]
     if ready:
         return Route(choose_route(ready))
-    loading = [c for c in mine if c.state == CopyState.LOADING]
-    if loading:
-        return Wait(loading[0])
+    # A copy being unloaded shares the key a new copy on its worker would get; load
+    # after it is gone, or the unload would take the new copy with it.
+    busy = [c for c in mine if c.state in (CopyState.LOADING, CopyState.UNLOADING)]
+    if busy:
+        return Wait(busy[0])
 
     info = view.models.get(req.model)
     if info is None:

@@ -1,0 +1,99 @@
+"""Pure placement pieces the gateway's housekeeping runs: watermarks, replication, and
+the rule that a model is never loaded where its copy is still being unloaded."""
+
+from __future__ import annotations
+
+import pytest
+
+from placement.cluster import ClusterView, CopyState, CopyView, DeviceView, ModelInfo, WorkerView
+from placement.policy import Load, PlacementRequest, Wait, plan_lru
+from placement.pressure import Watermarks, pressure_victims
+from placement.replication import Replicate, ReplicationConfig, Shrink, plan_replication
+
+D = DeviceView("d0", total_bytes=1000)
+W0 = WorkerView("w0", "d0")
+
+
+def c(
+    model: str,
+    size: int,
+    used: float,
+    worker: str = "w0",
+    state: CopyState = CopyState.READY,
+    inflight: int = 0,
+) -> CopyView:
+    return CopyView(model, 1, worker, state, size, last_used=used, loaded_at=0.0, inflight=inflight)
+
+
+def view(
+    *copies: CopyView, devices=(D,), workers=(W0,), models=None
+) -> ClusterView:
+    infos = models or {x.model: ModelInfo(x.model, x.footprint_bytes) for x in copies}
+    return ClusterView(tuple(devices), tuple(workers), tuple(copies), infos)
+
+
+def test_no_pressure_under_the_high_mark() -> None:
+    v = view(c("a", 500, 1), c("b", 440, 2))
+    assert pressure_victims(v, D, Watermarks(0.95, 0.8), now=10) == ()
+
+
+def test_pressure_evicts_lru_idle_down_to_the_low_mark() -> None:
+    foreign = DeviceView("d0", 1000, used_other_bytes=300)
+    v = view(
+        c("old", 200, 1),
+        c("busy", 200, 0, inflight=1),
+        c("mid", 200, 2),
+        c("new", 200, 3),
+        devices=(foreign,),
+    )
+    # 300 + 800 = 1100 > 950: evict idle ones by last use until <= 800 (busy stays).
+    assert [x.model for x in pressure_victims(v, foreign, Watermarks(0.95, 0.8), now=10)] == [
+        "old",
+        "mid",
+        "new",
+    ]
+    v2 = view(c("old", 200, 1), c("mid", 200, 2), c("new", 200, 3), devices=(foreign,))
+    assert [x.model for x in pressure_victims(v2, foreign, Watermarks(0.85, 0.8), now=10)] == [
+        "old"
+    ]
+
+
+def test_watermarks_validate() -> None:
+    with pytest.raises(ValueError):
+        Watermarks(high=0.5, low=0.9)
+
+
+def test_unloading_copy_makes_a_new_load_wait() -> None:
+    v = view(c("m", 100, 1, state=CopyState.UNLOADING))
+    assert isinstance(plan_lru(v, PlacementRequest("m", 1, now=5)), Wait)
+    gone = ClusterView((D,), (WorkerView("w0", "d0"),), (), {"m": ModelInfo("m", 100)})
+    assert isinstance(plan_lru(gone, PlacementRequest("m", 1, now=5)), Load)
+
+
+def test_replicate_hot_onto_a_free_worker_and_shrink_when_cool() -> None:
+    workers = (WorkerView("w0", "d0"), WorkerView("w1", "d1"))
+    devices = (D, DeviceView("d1", 1000))
+    cfg = ReplicationConfig(hot_rps_per_copy=10, cool_rps_per_copy=2, max_copies=2)
+    v = view(c("hot", 100, 1), c("calm", 100, 1), devices=devices, workers=workers)
+    actions = plan_replication(v, {("hot", 1): 50.0, ("calm", 1): 1.0}, cfg, now=10)
+    assert actions == [Replicate("hot", 1, "w1", "d1", 100)]
+    # At max copies nothing more; once cool, the least recently used extra goes.
+    two = view(c("hot", 100, 5), c("hot", 100, 1, worker="w1"), devices=devices, workers=workers)
+    assert plan_replication(two, {("hot", 1): 50.0}, cfg, now=10) == []
+    [shrink] = plan_replication(two, {("hot", 1): 1.0}, cfg, now=10)
+    assert isinstance(shrink, Shrink) and shrink.copy.worker_id == "w1"
+
+
+def test_no_replica_without_room_or_while_loading() -> None:
+    workers = (WorkerView("w0", "d0"), WorkerView("w1", "d1"))
+    full = DeviceView("d1", 1000, used_other_bytes=950)
+    cfg = ReplicationConfig(hot_rps_per_copy=10, cool_rps_per_copy=2)
+    v = view(c("hot", 100, 1), devices=(D, full), workers=workers)
+    assert plan_replication(v, {("hot", 1): 99.0}, cfg, now=10) == []
+    loading = view(
+        c("hot", 100, 1),
+        c("hot", 100, 1, worker="w1", state=CopyState.LOADING),
+        devices=(D, DeviceView("d1", 1000)),
+        workers=workers,
+    )
+    assert plan_replication(loading, {("hot", 1): 99.0}, cfg, now=10) == []
