@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--device-memory-budget", type=_size, default=None)
     worker.add_argument("--worker-id", default=None)
     worker.add_argument("--advertise", default=None, help="HOST:PORT gateways should dial")
+    worker.add_argument(
+        "--unix-socket", default=None, help="also listen here; advertised unless --advertise"
+    )
     worker.add_argument("--threads", type=int, default=None)
     worker.add_argument("--max-message-size", type=_size, default=1 << 30)
     worker.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
@@ -205,6 +208,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         threads=args.threads,
         max_message_bytes=args.max_message_size,
         advertise=args.advertise,
+        unix_socket=args.unix_socket,
     )
     companion = None
     if args.redis_url:

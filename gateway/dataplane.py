@@ -49,8 +49,24 @@ class IndexEntry:
 
 @dataclass(frozen=True)
 class InferOutcome:
-    response: pb.ModelInferResponse
+    """The worker's reply: parsed (REST renders it) or as raw bytes (gRPC returns them
+    as they came). Exactly one is set."""
+
     cold: bool
+    response: pb.ModelInferResponse | None = None
+    raw: bytes | None = None
+
+    def parsed(self) -> pb.ModelInferResponse:
+        if self.response is not None:
+            return self.response
+        assert self.raw is not None
+        return pb.ModelInferResponse.FromString(self.raw)
+
+    def raw_response(self) -> bytes:
+        if self.raw is not None:
+            return self.raw
+        assert self.response is not None
+        return self.response.SerializeToString()
 
 
 class DataPlane:
@@ -90,7 +106,7 @@ class DataPlane:
 
     def model_label(self, name: str) -> str:
         """A bounded label value: repository names only."""
-        return name if name in self.repository.names() else UNKNOWN_MODEL
+        return name if name in self.repository else UNKNOWN_MODEL
 
     def model_metadata(self, name: str, version: str = "") -> pb.ModelMetadataResponse:
         spec, v = self.spec(name, version)
@@ -126,18 +142,23 @@ class DataPlane:
         request: pb.ModelInferRequest | Callable[[], pb.ModelInferRequest],
         protocol: str,
         model: str | None = None,
+        raw: bytes | None = None,
     ) -> InferOutcome:
         """Validate, find or load a copy, forward. Counts the request exactly once.
 
-        ``request`` may be a parser (REST) so that a body that does not parse is counted
-        under its model like any other failed request; ``model`` names it then.
+        ``request`` may be a parser so that a body that does not parse is counted under
+        its model like any other failed request; ``model`` names it then. ``raw`` is the
+        request as it arrived (gRPC): forwarded as is when nothing in it needs
+        rewriting, and the reply is then returned raw too.
         """
         started = time.monotonic()
-        label = self.model_label(model if model is not None else getattr(request, "model_name", ""))
+        label = self.model_label(model) if model is not None else UNKNOWN_MODEL
         self.metrics.inflight.inc()
         try:
             parsed = request() if callable(request) else request
-            outcome = await self._infer(parsed, label, started)
+            if model is None:
+                label = self.model_label(parsed.model_name)
+            outcome = await self._infer(parsed, label, started, raw)
         except BaseException as e:
             self.metrics.requests.labels(label, protocol, outcome_of(e)).inc()
             raise
@@ -148,11 +169,11 @@ class DataPlane:
         return outcome
 
     async def _infer(
-        self, request: pb.ModelInferRequest, label: str, started: float
+        self, request: pb.ModelInferRequest, label: str, started: float, raw: bytes | None
     ) -> InferOutcome:
         spec, version = self.spec(request.model_name, request.model_version)
         try:
-            return await self._forward(spec, version, request, label, started)
+            return await self._forward(spec, version, request, label, started, raw)
         except ModelpoolError:
             self.statistics.record_failure(spec.name, version, time.monotonic() - started)
             raise
@@ -164,10 +185,17 @@ class DataPlane:
         request: pb.ModelInferRequest,
         label: str,
         started: float,
+        raw: bytes | None,
     ) -> InferOutcome:
-        contents_to_raw(request)
+        if any(t.HasField("contents") for t in request.inputs):
+            contents_to_raw(request)
+            raw = None  # rewritten: the original bytes no longer say the same
         validate_request(spec, request)
         request.model_version = str(version)
+        if raw is not None:
+            # A parser keeps the last value it reads of a singular field, so appending
+            # the resolved version pins it without re-encoding the tensors.
+            raw = raw + pb.ModelInferRequest(model_version=str(version)).SerializeToString()
         cold = False
         # One retry: a copy whose worker died between routing and forwarding is
         # dropped, and the request goes to (or loads) another.
@@ -179,7 +207,14 @@ class DataPlane:
             self.metrics.queue_wait.labels(label).observe(time.monotonic() - started)
             compute_started = time.monotonic()
             try:
-                response = await got.client.infer(request, timeout_s=self.infer_timeout_s)
+                if raw is not None:
+                    reply = await got.client.infer_raw(
+                        spec.name, raw, timeout_s=self.infer_timeout_s
+                    )
+                    outcome = InferOutcome(cold, raw=reply)
+                else:
+                    response = await got.client.infer(request, timeout_s=self.infer_timeout_s)
+                    outcome = InferOutcome(cold, response=response)
             except (WorkerUnavailable, ModelNotReady) as e:
                 # The worker died, or another gateway evicted the copy after we
                 # routed to it: the request has not run, so it may go elsewhere.
@@ -208,7 +243,7 @@ class DataPlane:
                 compute_started - started,
                 done - compute_started,
             )
-            return InferOutcome(response, cold)
+            return outcome
         raise AssertionError("unreachable")
 
     def model_statistics(self, name: str = "", version: str = "") -> pb.ModelStatisticsResponse:

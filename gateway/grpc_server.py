@@ -8,12 +8,14 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from gateway.dataplane import DataPlane
 from gateway.errors import retry_after, status_of
-from placement.errors import ModelpoolError
+from placement.errors import InvalidInput, ModelpoolError
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +73,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._guard(context, _call(config))
 
-    async def ModelInfer(self, request, context):
-        outcome = await self._guard(context, self.dp.infer(request, protocol="grpc"))
-        return outcome.response
+    async def ModelInfer(self, data: bytes, context) -> bytes:
+        """Bytes in, bytes out: a request that needs no rewriting goes to the worker as
+        it came, and the worker's reply comes back unparsed (see ``service_handler``)."""
+
+        def parse() -> pb.ModelInferRequest:
+            try:
+                return pb.ModelInferRequest.FromString(data)
+            except DecodeError as e:
+                raise InvalidInput(f"ModelInferRequest does not parse: {e}") from None
+
+        outcome = await self._guard(context, self.dp.infer(parse, protocol="grpc", raw=data))
+        return outcome.raw_response()
 
     async def ModelStatistics(self, request, context):
         return await self._guard(
@@ -99,6 +110,30 @@ async def _call(fn, *args):
     return fn(*args)
 
 
+def service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """GRPCInferenceService with every unary method the servicer implements; ModelInfer
+    takes and returns raw bytes so the gateway forwards without re-encoding. Methods
+    it lacks (streaming, shared memory) answer UNIMPLEMENTED, as in Triton without
+    those extensions."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        impl = getattr(type(servicer), method.name, None)
+        base = getattr(pb_grpc.GRPCInferenceServiceServicer, method.name, None)
+        if impl is None or impl is base or method.client_streaming or method.server_streaming:
+            continue
+        if method.name == "ModelInfer":
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(servicer.ModelInfer)
+            continue
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=request_cls.FromString,
+            response_serializer=lambda m: m.SerializeToString(),
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
 def create_grpc_server(
     dataplane: DataPlane, address: str, max_message_bytes: int
 ) -> tuple[grpc.aio.Server, int]:
@@ -108,7 +143,7 @@ def create_grpc_server(
             ("grpc.max_send_message_length", max(max_message_bytes, 1 << 30)),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
+    server.add_generic_rpc_handlers((service_handler(InferenceServicer(dataplane)),))
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen for gRPC on {address}")

@@ -99,7 +99,7 @@ async def infer(request: web.Request) -> web.Response:
         return parsed
 
     outcome = await dp.infer(parse, protocol="http", model=name)
-    payload, header_length = render_infer(outcome.response, doc)
+    payload, header_length = render_infer(outcome.parsed(), doc)
     if header_length is None:
         return web.Response(body=payload, content_type="application/json")
     return web.Response(

@@ -12,9 +12,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from cache.records import WorkerRecord
 from cache.store import ResidencyStore
@@ -67,6 +70,8 @@ class LocalWorkers:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._ready: dict[str, asyncio.Event] = {s.worker_id: asyncio.Event() for s in slots}
+        # Gateway-to-worker traffic on this host goes over Unix sockets: no TCP stack.
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="modelpool-"))
 
     async def start(self) -> None:
         """Start every slot and wait until each worker first reports ready."""
@@ -90,6 +95,7 @@ class LocalWorkers:
             "--model-repository", self.config.model_repository,
             "--device", slot.device,
             "--host", "127.0.0.1",
+            "--unix-socket", str(self.socket_dir / f"{slot.worker_id}.sock"),
             "--port", "0",
             "--worker-id", slot.worker_id,
             "--exit-with-parent",
@@ -200,6 +206,7 @@ class LocalWorkers:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def pids(self) -> dict[str, int]:
         return {wid: p.pid for wid, p in self.procs.items() if p.returncode is None and p.pid}

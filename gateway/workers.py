@@ -61,6 +61,9 @@ class WorkerClient:
             ],
         )
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        # The same method without (de)serializers: bytes the gateway already has go
+        # out as they are, and replies come back unparsed for gRPC clients.
+        self._infer_raw = self.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         self._load = self.channel.unary_unary(
             protocol.LOAD,
             request_serializer=protocol.encode,
@@ -87,6 +90,9 @@ class WorkerClient:
         return await self._call(
             f"model '{request.model_name}'", self.stub.ModelInfer, request, timeout_s
         )
+
+    async def infer_raw(self, model: str, request: bytes, timeout_s: float) -> bytes:
+        return await self._call(f"model '{model}'", self._infer_raw, request, timeout_s)
 
     async def load(self, model: str, version: int, timeout_s: float) -> protocol.LoadResult:
         return await self._call(

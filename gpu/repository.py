@@ -130,6 +130,9 @@ class ModelRepository:
         else:
             self._specs.pop(name, None)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
     def names(self) -> list[str]:
         return sorted(self._specs)
 

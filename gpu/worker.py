@@ -60,6 +60,9 @@ class WorkerConfig:
     threads: int | None = None
     max_message_bytes: int = 1 << 30
     advertise: str | None = None
+    #: Also listen on this Unix socket and advertise it: a gateway on the same host
+    #: skips the TCP stack (``modelpool serve`` uses it for its local workers).
+    unix_socket: str | None = None
     redis_url: str | None = None
 
 
@@ -232,8 +235,12 @@ async def serve_worker(
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise SystemExit(f"worker: cannot listen on {config.host}:{config.port}")
-    await server.start()
     address = config.advertise or f"{config.host}:{port}"
+    if config.unix_socket:
+        if server.add_insecure_port(f"unix:{config.unix_socket}") == 0:
+            raise SystemExit(f"worker: cannot listen on unix:{config.unix_socket}")
+        address = config.advertise or f"unix:{config.unix_socket}"
+    await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -241,7 +248,9 @@ async def serve_worker(
     log.info("worker %s serving on %s device=%s", worker.worker_id, address, config.device)
     # The supervisor reads this line to learn the port and the id.
     print(
-        f"{READY_LINE} address={address} worker_id={worker.worker_id} pid={os.getpid()}", flush=True
+        f"{READY_LINE} address={address} worker_id={worker.worker_id} pid={os.getpid()} "
+        f"tcp={config.host}:{port}",
+        flush=True,
     )
     started = time.monotonic()
     side = asyncio.create_task(companion(worker, address)) if companion is not None else None

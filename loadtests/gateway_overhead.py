@@ -35,17 +35,21 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
-def time_calls(call: Callable[[], object], n: int, label: str) -> list[float]:
-    for _ in range(min(50, n)):
-        call()  # warm connections and the model's first-run paths
-    out = []
+def time_interleaved(paths: dict[str, Callable[[], object]], n: int) -> dict[str, list[float]]:
+    """Time ``n`` calls of every path, taking turns call by call, so a noisy moment on
+    this shared machine lands on all paths alike instead of on one block."""
+    for call in paths.values():
+        for _ in range(min(50, n)):
+            call()  # warm connections and the model's first-run paths
+    out: dict[str, list[float]] = {label: [] for label in paths}
     step = max(1, n // 10)
     for i in range(n):
-        t = time.perf_counter()
-        call()
-        out.append(time.perf_counter() - t)
+        for label, call in paths.items():
+            t = time.perf_counter()
+            call()
+            out[label].append(time.perf_counter() - t)
         if (i + 1) % step == 0:
-            print(f"  {label}: {i + 1}/{n}", file=sys.stderr, flush=True)
+            print(f"  {i + 1}/{n} rounds", file=sys.stderr, flush=True)
     return out
 
 
@@ -57,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-repository", default=None, help="default: generate the example models")
     p.add_argument("--model", default="mlp_00_2mb")
     p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=1, help="rows per request (payload size)")
     p.add_argument("--out", default="gateway_overhead.json")
     p.add_argument(
         "--serve-arg", action="append", default=[], help="extra argument for modelpool serve"
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         grpc = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
         meta = grpc.get_model_metadata(args.model, as_json=True)
         t = meta["inputs"][0]
-        shape = [1] + [int(d) if int(d) > 0 else 1 for d in t["shape"][1:]]
+        shape = [args.batch] + [int(d) if int(d) > 0 else 1 for d in t["shape"][1:]]
         data = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         grpc.load_model(args.model)
         with urllib.request.urlopen(
@@ -102,9 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             "gateway grpc": lambda: grpc.infer(args.model, g_in),
             "gateway http": lambda: http.infer(args.model, h_in),
         }
-        results = {}
-        for label, call in paths.items():
-            results[label] = percentiles(time_calls(call, args.requests, label))
+        samples = time_interleaved(paths, args.requests)
+        results = {label: percentiles(v) for label, v in samples.items()}
     finally:
         stop(server.proc)
 
@@ -113,14 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     for label, r in results.items():
         r["p50_ratio"] = r["p50_ms"] / base["p50_ms"]
         r["p99_ratio"] = r["p99_ms"] / base["p99_ms"]
+        r["p50_added_ms"] = r["p50_ms"] - base["p50_ms"]
         rows.append((label, r))
     print(
         f"\ngateway overhead: model {args.model}, input {shape} FP32, {args.requests} sequential requests"
     )
-    print(f"{'path':<22} {'p50 ms':>8} {'p99 ms':>8} {'p50 x':>7} {'p99 x':>7}")
+    print(f"{'path':<22} {'p50 ms':>8} {'p99 ms':>8} {'p50 x':>7} {'p99 x':>7} {'p50 +ms':>8}")
     for label, r in rows:
         print(
-            f"{label:<22} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['p50_ratio']:7.2f} {r['p99_ratio']:7.2f}"
+            f"{label:<22} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['p50_ratio']:7.2f} "
+            f"{r['p99_ratio']:7.2f} {r['p50_added_ms']:8.3f}"
         )
     doc = {
         "benchmark": "gateway_overhead",
