@@ -39,7 +39,14 @@ class WorkerRecord:
 
 @dataclass(frozen=True)
 class DeviceRecord:
-    """A device's memory as last measured (bytes). ``source``: nvml, torch or budget."""
+    """A device's memory as last measured, in bytes. ``source``: nvml, torch or budget.
+
+    ``total_bytes`` is what our models may use: the budget when one is set, else the
+    device. ``used_bytes``/``free_bytes`` are the device's own figures (on CPU: our
+    copies against the budget). ``other_bytes`` is what other processes hold that
+    cuts into ``total_bytes``: with a budget below the device's size, a foreign job
+    only counts once it eats into the budget's share.
+    """
 
     device_id: str
     total_bytes: int
@@ -47,13 +54,11 @@ class DeviceRecord:
     free_bytes: int = 0
     ours_bytes: int = 0
     source: str = "budget"
+    other_bytes: int = 0
 
     @property
     def used_other_bytes(self) -> int:
-        """Memory held by anything but our models (a foreign job, CUDA contexts)."""
-        if self.source == "budget":
-            return 0
-        return max(0, self.used_bytes - self.ours_bytes)
+        return self.other_bytes
 
 
 @dataclass(frozen=True)

@@ -274,7 +274,7 @@ class DataPlane:
                 for w in sorted(self.view.workers.values(), key=lambda w: w.worker_id)
             ],
             "devices": [
-                {**dataclasses.asdict(d), "used_other_bytes": d.used_other_bytes}
+                dataclasses.asdict(d)
                 for d in sorted(self.view.devices.values(), key=lambda d: d.device_id)
             ],
             "copies": [

@@ -24,6 +24,7 @@ from cache.view import ResidencyView
 from gateway.metrics import Metrics
 from gateway.placer import Placer
 from gateway.workers import WorkerClients
+from gpu.protocol import DeviceMemory
 from placement.errors import ModelpoolError
 from placement.pressure import pressure_victims
 from placement.replication import Replicate, ReplicationConfig, Shrink, plan_replication
@@ -33,6 +34,25 @@ log = logging.getLogger(__name__)
 #: Weight of the newest interval in the request-rate average: about a 5 s memory at a
 #: 1 s tick, quick enough to catch a burst, slow enough not to flap on one.
 RATE_ALPHA = 0.3
+
+
+def device_record(device_id: str, m: DeviceMemory, ours: int) -> DeviceRecord:
+    """What placement should believe of a device, from a worker's reading and the
+    bytes our copies on that device hold."""
+    if m.source == "budget":
+        # The budget is the whole device on CPU, and nothing else shares it.
+        return DeviceRecord(
+            device_id, m.total_bytes, ours, max(0, m.total_bytes - ours), ours, m.source
+        )
+    others = max(0, m.used_bytes - ours)
+    if m.budget_bytes is not None and m.budget_bytes < m.total_bytes:
+        # Our share is the budget; others count only once they eat into it:
+        # room = min(budget - ours, device free) = budget - ours - other_bytes.
+        total = m.budget_bytes
+        other = max(0, others - (m.total_bytes - m.budget_bytes))
+    else:
+        total, other = m.total_bytes, others
+    return DeviceRecord(device_id, total, m.used_bytes, m.free_bytes, ours, m.source, other)
 
 
 class Housekeeper:
@@ -77,7 +97,6 @@ class Housekeeper:
                 status = await self.clients.get(w.worker_id, w.address).status(timeout_s=5.0)
             except ModelpoolError:
                 continue
-            m = status.memory
             ours = sum(
                 c.footprint_bytes
                 for c in self.view.all_copies()
@@ -85,11 +104,7 @@ class Housekeeper:
                 and self.view.workers[c.worker_id].device_id == w.device_id
                 and c.state != CopyState.LOADING
             )
-            # The budget is the whole device on CPU; NVML also reports others' memory.
-            used = ours if m.source == "budget" else m.used_bytes
-            record = DeviceRecord(
-                w.device_id, m.total_bytes, used, max(0, m.total_bytes - used), ours, m.source
-            )
+            record = device_record(w.device_id, status.memory, ours)
             seen.add(w.device_id)
             if self.view.devices.get(w.device_id) != record:
                 await self.store.put_device(record)

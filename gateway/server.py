@@ -130,7 +130,8 @@ class Gateway:
             ours = sum(
                 c.footprint_bytes for c in mine if c.state in (CopyState.READY, CopyState.UNLOADING)
             )
-            used = d.used_bytes if d.source != "budget" else ours
+            # Used is what occupies our share: our copies and others' memory in it.
+            used = ours + d.other_bytes
             for kind, value in (
                 ("total", d.total_bytes),
                 ("used", used),

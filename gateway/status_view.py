@@ -71,7 +71,7 @@ def render(status: dict[str, Any], url: str, now: float | None = None) -> str:
                 human_bytes(d["used_bytes"]),
                 human_bytes(d["free_bytes"]),
                 human_bytes(d["ours_bytes"]),
-                human_bytes(d["used_other_bytes"]),
+                human_bytes(d["other_bytes"]),
                 human_bytes(reserved),
             ]
         )

@@ -48,16 +48,14 @@ class NvmlProbe:
 
     def read(self, ours_bytes: int) -> DeviceMemory:
         info = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
-        total = int(info.total)
-        if self.budget_bytes is not None:
-            total = min(total, self.budget_bytes)
         return DeviceMemory(
             device=self.device,
-            total_bytes=total,
+            total_bytes=int(info.total),
             used_bytes=int(info.used),
-            free_bytes=max(0, min(int(info.free), total - int(info.used))),
+            free_bytes=int(info.free),
             ours_bytes=ours_bytes,
             source="nvml",
+            budget_bytes=self.budget_bytes,
         )
 
 
@@ -73,16 +71,14 @@ class TorchCudaProbe:
         import torch
 
         free, total = torch.cuda.mem_get_info(self.index)
-        if self.budget_bytes is not None:
-            total = min(total, self.budget_bytes)
-        used = int(total - free) if self.budget_bytes is None else int(ours_bytes)
         return DeviceMemory(
             device=self.device,
             total_bytes=int(total),
-            used_bytes=used,
-            free_bytes=max(0, int(total) - used),
+            used_bytes=int(total - free),
+            free_bytes=int(free),
             ours_bytes=ours_bytes,
             source="torch",
+            budget_bytes=self.budget_bytes,
         )
 
 

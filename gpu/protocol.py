@@ -60,9 +60,10 @@ class UnloadResult:
 
 @dataclass(frozen=True)
 class DeviceMemory:
-    """Bytes on the worker's device. ``source`` is where the figures came from:
-    ``nvml`` (real device memory, other processes included), ``torch`` (CUDA allocator
-    fallback) or ``budget`` (CPU: the configured budget, used = our models)."""
+    """Bytes on the worker's device, as the device reports them. ``source`` is where
+    the figures came from: ``nvml`` (real device memory, other processes included),
+    ``torch`` (CUDA allocator fallback) or ``budget`` (CPU: total is the budget, used is
+    our models). ``budget_bytes`` is the configured cap, None for the whole device."""
 
     device: str
     total_bytes: int
@@ -70,6 +71,7 @@ class DeviceMemory:
     free_bytes: int
     ours_bytes: int
     source: str
+    budget_bytes: int | None = None
 
 
 @dataclass(frozen=True)

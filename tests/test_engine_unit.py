@@ -94,3 +94,29 @@ def test_no_replica_without_room_or_while_loading() -> None:
         workers=workers,
     )
     assert plan_replication(loading, {("hot", 1): 99.0}, cfg, now=10) == []
+
+
+def test_device_record_counts_foreign_memory_only_inside_our_share() -> None:
+    from gateway.housekeeping import device_record
+    from gpu.protocol import DeviceMemory
+
+    GiB = 1 << 30
+    # 80 GiB GPU, our copies 2 GiB, a foreign job 70 GiB (plus our 2): used 72 GiB.
+    whole = device_record(
+        "g", DeviceMemory("cuda:0", 80 * GiB, 72 * GiB, 8 * GiB, 2 * GiB, "nvml"), 2 * GiB
+    )
+    assert (whole.total_bytes, whole.other_bytes) == (80 * GiB, 70 * GiB)
+    # With an 8 GiB budget the foreign job leaves 8 GiB free on the device: 6 GiB of
+    # room for us beyond our 2, so it eats nothing of our share.
+    capped = device_record(
+        "g", DeviceMemory("cuda:0", 80 * GiB, 72 * GiB, 8 * GiB, 2 * GiB, "nvml", 8 * GiB), 2 * GiB
+    )
+    assert (capped.total_bytes, capped.other_bytes) == (8 * GiB, 0)
+    # The job grows to 75 GiB: 3 GiB free on the device, so 3 GiB of our share is gone.
+    grown = device_record(
+        "g", DeviceMemory("cuda:0", 80 * GiB, 77 * GiB, 3 * GiB, 2 * GiB, "nvml", 8 * GiB), 2 * GiB
+    )
+    assert grown.other_bytes == 3 * GiB
+    assert grown.total_bytes - grown.other_bytes - 2 * GiB == 3 * GiB  # = device free
+    cpu = device_record("c", DeviceMemory("cpu", GiB, 0, GiB, 0, "budget", GiB), 100)
+    assert (cpu.total_bytes, cpu.used_bytes, cpu.other_bytes) == (GiB, 100, 0)
