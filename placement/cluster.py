@@ -49,9 +49,6 @@ class CopyView:
     last_used: float = 0.0
     loaded_at: float = 0.0
     inflight: int = 0
-    #: A stateful policy's floor under this copy's value, fed in by its wrapper: for
-    #: GDSF the aging clock L at the model's last request. 0 for stateless policies.
-    priority_base: float = 0.0
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -74,6 +71,9 @@ class ModelInfo:
     #: Recent demand in requests, exponentially decayed to the decision's ``now``. Fed in
     #: by a stateful policy's wrapper (GDSF); 0 when the caller does not track it.
     frequency: float = 0.0
+    #: A stateful policy's floor under the value of this model's copies, fed in by its
+    #: wrapper: GDSF's aging clock L at the model's last request. 0 when not tracked.
+    priority_base: float = 0.0
 
     @property
     def need_bytes(self) -> int:

@@ -82,7 +82,9 @@ def child_pids(pid: int) -> list[int]:
 
 
 def start_serve(repo: Path, log_path: Path, *args: str, timeout: float = 90.0) -> Served:
-    env = dict(os.environ, MODELPOOL_FORCE_CPU="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if "--devices" not in args:
+        env["MODELPOOL_FORCE_CPU"] = "1"
     cmd = [
         sys.executable, "-m", "gateway.cli", "serve",
         "--model-repository", str(repo),
