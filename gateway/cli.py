@@ -82,6 +82,13 @@ def _add_gateway_args(p: argparse.ArgumentParser) -> None:
         help="most copies of one model; 1 turns replication off",
     )
     p.add_argument(
+        "--policy",
+        choices=["lru", "gdsf"],
+        default="lru",
+        help="eviction policy: lru (classic, default) or gdsf (cost-aware: reload cost x "
+        "decayed frequency / size); see docs/placement.md",
+    )
+    p.add_argument(
         "--housekeeping-interval",
         type=float,
         default=1.0,
@@ -321,6 +328,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         min_residency_s=args.min_residency,
         watermarks=Watermarks(high=args.high_watermark, low=args.low_watermark),
         poll_interval_s=args.housekeeping_interval,
+        policy=args.policy,
         replication=None
         if args.max_copies <= 1
         else ReplicationConfig(args.replicate_hot_rps, args.replicate_cool_rps, args.max_copies),

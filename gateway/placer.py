@@ -46,6 +46,7 @@ from placement.errors import (
     Unavailable,
     WorkerUnavailable,
 )
+from placement.policies import Evicted, Loaded, PolicyState, Requested, make_policy
 from placement.pressure import Watermarks
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Placer:
         watermarks: Watermarks | None = None,
         retained_limit_bytes: int = 256 << 20,
         on_memory_retained: Callable[[str], None] | None = None,
+        policy: PolicyState | None = None,
     ) -> None:
         self.repository = repository
         self.store = store
@@ -94,7 +96,8 @@ class Placer:
         #: An unload that leaves more than this on the device gets its worker recycled.
         self.retained_limit_bytes = retained_limit_bytes
         self.on_memory_retained = on_memory_retained
-        self.plan: Callable[[ClusterView, pol.PlacementRequest], pol.Plan] = pol.plan_lru
+        #: The placement policy (lru, gdsf): decides, and hears what happened.
+        self.policy: PolicyState = policy or make_policy("lru")
         self._flights: dict[tuple[str, int], asyncio.Future[None]] = {}
         #: Plans are computed and their reservations made one at a time per gateway,
         #: so two cold models never both count the same free bytes.
@@ -139,6 +142,7 @@ class Placer:
             Unavailable: no capacity within ``acquire_timeout_s`` (Retry-After).
             ModelLoadError: the artifact cannot be loaded.
         """
+        self.policy.observe(Requested(model, version, time.time()))
         got = self.try_acquire(model, version)
         if got is not None:
             return got
@@ -194,7 +198,7 @@ class Placer:
                 if self.view.ready_copies(model, version):
                     return
                 async with self._plan_lock:
-                    plan = self.plan(
+                    plan = self.policy.plan(
                         self.cluster_view(model, version), self._request(model, version)
                     )
                     victims: list[CopyView] = []
@@ -306,6 +310,7 @@ class Placer:
         elapsed = time.monotonic() - started
         self.metrics.loads.labels(model, "success").inc()
         self.metrics.load_duration.labels(model).observe(elapsed)
+        self.policy.observe(Loaded(reservation, time.time()))
         self.measured[(model, version)] = (result.peak_bytes, result.load_seconds)
         now = time.time()
         await self.store.put_copy(
@@ -355,6 +360,7 @@ class Placer:
                 self.on_memory_retained(worker.worker_id)
         await self.store.remove_copy(copy.key)
         self.metrics.evictions.labels(copy.model, reason).inc()
+        self.policy.observe(Evicted(copy, time.time(), chosen=reason == "capacity"))
         log.info(
             "evicted model=%s version=%d worker=%s reason=%s",
             copy.model,

@@ -25,6 +25,7 @@ from gateway.placer import Placer
 from gateway.rest import create_rest_app
 from gateway.workers import WorkerClients
 from gpu.repository import ModelRepository
+from placement.policies import make_policy
 from placement.errors import ModelpoolError
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Gateway:
             acquire_timeout_s=self.config.acquire_timeout_s,
             min_residency_s=self.config.min_residency_s,
             watermarks=self.config.watermarks,
+            policy=make_policy(self.config.policy),
         )
         self.housekeeper = Housekeeper(
             self.store,

@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tritonclient.http as thttp
 
 from tests.modelgen import write_sized
@@ -107,3 +108,16 @@ def test_hot_model_replicates_and_shrinks_when_cool(tmp_path: Path, serve) -> No
         "extra copy stayed after cooling"
     )
     assert server.metric("modelpool_model_evictions_total", model="hot", reason="cooled") == 1
+
+
+@pytest.mark.parametrize(("policy", "evicted"), [("lru", "a"), ("gdsf", "b")])
+def test_policy_choice_decides_the_victim(tmp_path: Path, serve, policy: str, evicted: str) -> None:
+    for name in ("a", "b", "c"):
+        write_sized(tmp_path, name, 10 * MB)
+    server = serve(tmp_path, "--device-memory-budget", "32MB", "--policy", policy)
+    for _ in range(5):
+        _infer(server.http_url, "a")  # a: frequent, but not the most recent
+    _infer(server.http_url, "b")  # b: once, most recently
+    _infer(server.http_url, "c")  # needs room: LRU drops a, GDSF drops rarely used b
+    assert server.metric("modelpool_model_evictions_total", model=evicted, reason="capacity") == 1
+    assert len(_copies(server.http_url, evicted)) == 0
