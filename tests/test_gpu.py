@@ -33,14 +33,19 @@ def test_nvml_agrees_with_torch_mem_get_info() -> None:
 
     probe = NvmlProbe("cuda:0", 0)
     torch.cuda.init()
+    torch.cuda.synchronize()
+    before = probe.read(ours_bytes=0)
     block = torch.empty(512 * MB, dtype=torch.uint8, device="cuda:0")
     torch.cuda.synchronize()
-    m = probe.read(ours_bytes=0)
+    after = probe.read(ours_bytes=0)
     free, total = torch.cuda.mem_get_info(0)
-    assert m.source == "nvml" and m.total_bytes == total
-    # Same device, two readers a moment apart: within 64 MiB of each other.
-    assert abs(m.free_bytes - free) < 64 << 20
-    assert m.used_bytes >= 512 * MB
+    assert after.source == "nvml"
+    # NVML counts memory the driver reserves for itself in its total; the CUDA runtime
+    # does not. They agree within a percent, and on what an allocation takes.
+    assert abs(after.total_bytes - total) < 0.01 * total
+    assert abs(after.free_bytes - free) < 0.01 * total
+    grew = after.used_bytes - before.used_bytes
+    assert 512 * MB <= grew <= 512 * MB + (64 << 20)
     del block
 
 
@@ -52,17 +57,19 @@ def test_memory_returns_after_unload(tmp_path: Path) -> None:
     runtime = ModelRuntime(ModelRepository(tmp_path), "cuda:0")
     base = torch.cuda.memory_allocated(0)
     loaded = runtime.load("big", 1)
-    assert loaded.footprint_bytes >= 512 * MB
-    assert loaded.peak_bytes >= loaded.footprint_bytes
+    footprint, peak = loaded.footprint_bytes, loaded.peak_bytes
+    del loaded  # the runtime's reference must be the last, as in a worker
+    assert footprint >= 512 * MB and peak >= footprint
     freed, retained = runtime.unload("big", 1)
-    assert freed == loaded.footprint_bytes and retained < 16 << 20
+    assert freed == footprint and retained < 16 << 20
     assert torch.cuda.memory_allocated(0) - base < 16 << 20
 
 
 FOREIGN = r"""
 import sys, time, torch
-n = int(sys.argv[1])
-block = torch.empty(n, dtype=torch.uint8, device="cuda:0")
+torch.cuda.init()
+free, _ = torch.cuda.mem_get_info(0)  # after this process's own context
+block = torch.empty(free - int(sys.argv[1]), dtype=torch.uint8, device="cuda:0")
 torch.cuda.synchronize()
 print("allocated", flush=True)
 time.sleep(float(sys.argv[2]))
@@ -72,31 +79,30 @@ time.sleep(float(sys.argv[2]))
 def test_foreign_process_makes_modelpool_evict_under_its_high_mark(tmp_path: Path, serve) -> None:
     import tritonclient.http as thttp
 
-    for i in range(6):
-        _sized(tmp_path, f"m{i}", 512 * MB)
+    repo = tmp_path / "repo"
+    for i in range(4):
+        _sized(repo, f"m{i}", 512 * MB)
     budget = 4 * GiB
     server = serve(
-        tmp_path,
-        "--devices",
-        "cuda:0",
-        "--device-memory-budget",
-        str(budget),
-        "--housekeeping-interval",
-        "0.2",
-    )
+        repo,
+        "--devices", "cuda:0",
+        "--device-memory-budget", str(budget),
+        "--high-watermark", "0.8",
+        "--low-watermark", "0.6",
+        "--housekeeping-interval", "0.2",
+    )  # fmt: skip
     client = thttp.InferenceServerClient(server.http_url)
     x = thttp.InferInput("x", [1, 4], "FP32")
     x.set_data_from_numpy(np.ones((1, 4), np.float32))
-    for i in range(6):
+    for i in range(4):
         client.infer(f"m{i}", [x])
     ours = server.metric("modelpool_device_memory_bytes", kind="ours")
-    assert ours >= 6 * 512 * MB
-    # A foreign job takes all of the device beyond our budget, and 1 GiB of our share:
-    # usage (ours + that GiB + its CUDA context) crosses 95% of the budget.
-    free, _ = torch.cuda.mem_get_info(0)
-    grab = int(free - (budget - ours) + GiB)
+    assert ours >= 4 * 512 * MB
+    # A foreign job takes the whole device but 0.5 GiB of what is left of our share:
+    # usage (ours + the rest of the share) crosses 80% of the budget.
+    keep = int(0.5 * GiB)
     foreign = subprocess.Popen(
-        [sys.executable, "-c", FOREIGN, str(grab), "60"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", FOREIGN, str(keep), "60"], stdout=subprocess.PIPE, text=True
     )
     try:
         assert foreign.stdout is not None and foreign.stdout.readline().strip() == "allocated"
@@ -105,14 +111,14 @@ def test_foreign_process_makes_modelpool_evict_under_its_high_mark(tmp_path: Pat
         while time.monotonic() < deadline:
             evicted = sum(
                 server.metric("modelpool_model_evictions_total", model=f"m{i}", reason="pressure")
-                for i in range(6)
+                for i in range(4)
             )
             used = server.metric("modelpool_device_memory_bytes", kind="used")
-            if evicted and used <= 0.95 * budget:
+            if evicted and used <= 0.8 * budget:
                 break
             time.sleep(0.2)
         assert evicted >= 1, server.log()
-        assert server.metric("modelpool_device_memory_bytes", kind="used") <= 0.95 * budget
+        assert server.metric("modelpool_device_memory_bytes", kind="used") <= 0.8 * budget
         # Still serving: a request for an evicted model finds room or says 503, never 500.
         try:
             client.infer("m0", [x])
@@ -130,11 +136,12 @@ def test_serve_on_gpu_matches_torch(tmp_path: Path, serve) -> None:
     from gpu.repository import read_model
     from tests.payloads import inputs_for, torch_reference
 
-    write_examples(tmp_path, count=4)
-    server = serve(tmp_path, "--devices", "cuda:0")
+    repo = tmp_path / "repo"
+    names = write_examples(repo, count=4)
+    server = serve(repo, "--devices", "cuda:0")
     client = tgrpc.InferenceServerClient(server.grpc_url)
-    for i, name in enumerate(sorted(p.name for p in tmp_path.iterdir())):
-        spec = read_model(tmp_path / name)
+    for i, name in enumerate(names):
+        spec = read_model(repo / name)
         data = inputs_for(spec, batch=2, seed=i)
         inputs = []
         for t in spec.inputs:
@@ -142,6 +149,6 @@ def test_serve_on_gpu_matches_torch(tmp_path: Path, serve) -> None:
             inp.set_data_from_numpy(data[t.name])
             inputs.append(inp)
         result = client.infer(name, inputs)
-        for out, want in torch_reference(tmp_path, name, data).items():
+        for out, want in torch_reference(repo, name, data).items():
             np.testing.assert_allclose(result.as_numpy(out), want, rtol=1e-3, atol=1e-4)
     assert server.metric("modelpool_device_memory_bytes", kind="total") > 0
