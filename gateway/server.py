@@ -25,8 +25,8 @@ from gateway.placer import Placer
 from gateway.rest import create_rest_app
 from gateway.workers import WorkerClients
 from gpu.repository import ModelRepository
-from placement.policies import make_policy
 from placement.errors import ModelpoolError
+from placement.policies import make_policy
 
 log = logging.getLogger(__name__)
 
