@@ -4,7 +4,8 @@
 - read device memory from one worker per device and publish it;
 - evict down to the low watermark on devices above the high one (a foreign process
   grew, or a model measured bigger than its estimate);
-- replicate hot models and shrink cooled ones;
+- load models whose ``min_copies`` wants them resident, replicate hot models and
+  shrink cooled ones;
 - write this gateway's last-use times to the store in one batch.
 
 Decisions come from placement/ (``pressure_victims``, ``plan_replication``); this
@@ -77,12 +78,15 @@ class Housekeeper:
         self._counted: dict[tuple[str, int], int] = {}
         self._last_tick = time.monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._preloading: set[tuple[str, int]] = set()
 
     async def tick(self) -> None:
         await self.store.reap_expired()
         await self.refresh_devices()
         await self.relieve_pressure()
         self._update_rates()
+        if self.view.workers:
+            self.preload()
         if self.replication is not None:
             await self.replicate(self.replication)
         if self.view.last_used:
@@ -137,6 +141,29 @@ class Housekeeper:
             fresh = (total - self._counted.get(key, 0)) / elapsed
             self._counted[key] = total
             self.rates[key] = RATE_ALPHA * fresh + (1 - RATE_ALPHA) * self.rates.get(key, fresh)
+
+    def preload(self) -> None:
+        """Load models whose ``min_copies`` wants them resident and that have no copy
+        yet (at start, or after a worker loss), through the normal cold path."""
+        resident = {(c.model, c.version) for c in self.view.all_copies()}
+        for spec in self.placer.repository.specs():
+            if (
+                spec.error is None
+                and spec.min_copies > 0
+                and (spec.name, spec.latest) not in resident
+            ):
+                if (spec.name, spec.latest) not in self._preloading:
+                    self._preloading.add((spec.name, spec.latest))
+                    self._spawn(self._preload(spec.name, spec.latest))
+
+    async def _preload(self, model: str, version: int) -> None:
+        try:
+            got = await self.placer.acquire(model, version)
+            self.placer.release(got)
+        except ModelpoolError as e:
+            log.info("preload of model=%s skipped for now: %s", model, e)
+        finally:
+            self._preloading.discard((model, version))
 
     async def replicate(self, config: ReplicationConfig) -> None:
         view = self.placer.cluster_view("", None)

@@ -405,6 +405,7 @@ class Placer:
             measured_bytes=measured[0] if measured else None,
             load_seconds=measured[1] if measured else None,
             pinned=spec.pinned,
+            min_copies=spec.min_copies,
         )
 
     def cluster_view(self, model: str, version: int | None, admission: bool = True) -> ClusterView:

@@ -64,6 +64,8 @@ class ModelSpec:
     pinned: bool = False
     #: From ``modelpool.estimated_bytes``: the operator's size before a first load.
     declared_bytes: int | None = None
+    #: From ``modelpool.min_copies``: copies kept resident whatever the demand.
+    min_copies: int = 0
 
     @property
     def latest(self) -> int:
@@ -228,7 +230,7 @@ def read_model(model_dir: Path) -> ModelSpec:
             f"{model_dir}: no version directory holds {filename} under the version policy"
         )
     try:
-        pinned, declared = _modelpool_parameters(config)
+        pinned, declared, min_copies = _modelpool_parameters(config)
     except ValueError as e:
         return failed(f"{cfg_path}: {e}")
     return ModelSpec(
@@ -242,10 +244,11 @@ def read_model(model_dir: Path) -> ModelSpec:
         config=config,
         pinned=pinned,
         declared_bytes=declared,
+        min_copies=min_copies,
     )
 
 
-def _modelpool_parameters(config: mc.ModelConfig) -> tuple[bool, int | None]:
+def _modelpool_parameters(config: mc.ModelConfig) -> tuple[bool, int | None, int]:
     """modelpool's own settings ride in Triton's free-form ``parameters`` map, so the
     same config.pbtxt still loads in Triton."""
     params = {k: v.string_value for k, v in config.parameters.items()}
@@ -259,4 +262,7 @@ def _modelpool_parameters(config: mc.ModelConfig) -> tuple[bool, int | None]:
         declared_bytes: int | None = parse_size(declared)
     else:
         declared_bytes = None
-    return pinned_text in ("true", "1", "yes"), declared_bytes
+    min_text = params.get("modelpool.min_copies", "0").strip()
+    if not min_text.isdigit():
+        raise ValueError(f"parameter modelpool.min_copies must be a whole number, not '{min_text}'")
+    return pinned_text in ("true", "1", "yes"), declared_bytes, int(min_text)

@@ -68,6 +68,9 @@ class ModelInfo:
     measured_bytes: int | None = None
     load_seconds: float | None = None
     pinned: bool = False
+    #: Copies kept resident whatever the demand: eviction never takes the model below
+    #: this, and replication adds copies up to it when there is room.
+    min_copies: int = 0
     #: Recent demand in requests, exponentially decayed to the decision's ``now``. Fed in
     #: by a stateful policy's wrapper (GDSF); 0 when the caller does not track it.
     frequency: float = 0.0

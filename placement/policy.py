@@ -60,14 +60,20 @@ Plan = Route | Wait | Load | Reject
 
 
 def evictable(copy: CopyView, view: ClusterView, req: PlacementRequest) -> bool:
-    """A copy may go if it is READY, idle, not pinned and has served its minimum time."""
+    """A copy may go if it is READY, idle, not pinned, has served its minimum time, and
+    its model keeps at least its ``min_copies`` without it."""
     info = view.models.get(copy.model)
-    return (
+    if not (
         copy.state == CopyState.READY
         and copy.inflight == 0
         and not (info is not None and info.pinned)
         and req.now - copy.loaded_at >= req.min_residency_s
-    )
+    ):
+        return False
+    if info is None or info.min_copies <= 0:
+        return True
+    ready = sum(1 for c in view.copies if c.model == copy.model and c.state == CopyState.READY)
+    return ready > info.min_copies
 
 
 def choose_route(copies: list[CopyView]) -> CopyView:

@@ -1,5 +1,6 @@
 """Replication: a hot model gets another copy where there is room without evicting
-anything; copies shrink back when it cools.
+anything; copies shrink back when it cools. A model below its ``min_copies`` gets
+copies whatever its rate, and never shrinks below them.
 
 Rates are requests per second per model version, measured by the caller. A model is
 hot when each of its copies serves more than ``hot_rps_per_copy``; it has cooled when
@@ -65,12 +66,16 @@ def plan_replication(
         rate = rates.get((model, version), 0.0)
         n = len(copies)
         loading = any(c.state == CopyState.LOADING for c in copies)
-        if rate / n > config.hot_rps_per_copy and n < config.max_copies and not loading:
+        info = view.models.get(model)
+        floor = info.min_copies if info is not None else 0
+        below_floor = n < floor
+        hot = rate / n > config.hot_rps_per_copy and n < config.max_copies
+        if (hot or below_floor) and not loading:
             target = _room_for(view, model, copies)
             if target is not None:
                 worker_id, device_id, need = target
                 actions.append(Replicate(model, version, worker_id, device_id, need))
-        elif n > 1 and rate / (n - 1) < config.cool_rps_per_copy:
+        elif n > max(1, floor) and rate / (n - 1) < config.cool_rps_per_copy:
             idle = sorted((c for c in copies if evictable(c, view, req)), key=lambda c: c.last_used)
             if idle:
                 actions.append(Shrink(idle[0]))

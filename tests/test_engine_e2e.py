@@ -121,3 +121,20 @@ def test_policy_choice_decides_the_victim(tmp_path: Path, serve, policy: str, ev
     _infer(server.http_url, "c")  # needs room: LRU drops a, GDSF drops rarely used b
     assert server.metric("modelpool_model_evictions_total", model=evicted, reason="capacity") == 1
     assert len(_copies(server.http_url, evicted)) == 0
+
+
+def test_min_copies_preloads_and_protects_a_model(tmp_path: Path, serve) -> None:
+    for name in ("kept", "b", "c"):
+        write_sized(tmp_path, name, 10 * MB)
+    cfg = tmp_path / "kept" / "config.pbtxt"
+    cfg.write_text(
+        cfg.read_text() + 'parameters { key: "modelpool.min_copies" value { string_value: "1" } }\n'
+    )
+    server = serve(tmp_path, "--device-memory-budget", "32MB", "--housekeeping-interval", "0.2")
+    # Resident before anyone asked for it.
+    assert _until(lambda: len(_copies(server.http_url, "kept")) == 1)
+    _infer(server.http_url, "b")
+    _infer(server.http_url, "c")  # 'kept' is the least recently used, yet it stays
+    assert len(_copies(server.http_url, "kept")) == 1
+    assert server.metric("modelpool_model_evictions_total", model="b", reason="capacity") == 1
+    assert server.metric("modelpool_cold_starts_total", model="kept") == 0

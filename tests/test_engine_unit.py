@@ -120,3 +120,22 @@ def test_device_record_counts_foreign_memory_only_inside_our_share() -> None:
     assert grown.total_bytes - grown.other_bytes - 2 * GiB == 3 * GiB  # = device free
     cpu = device_record("c", DeviceMemory("cpu", GiB, 0, GiB, 0, "budget", GiB), 100)
     assert (cpu.total_bytes, cpu.used_bytes, cpu.other_bytes) == (GiB, 100, 0)
+
+
+def test_min_copies_are_not_evicted_and_not_shrunk() -> None:
+    from placement.policy import evictable
+
+    workers = (W0, WorkerView("w1", "d1"))
+    devices = (D, DeviceView("d1", 1000))
+    models = {"m": ModelInfo("m", 100, min_copies=2)}
+    two = view(
+        c("m", 100, 1), c("m", 100, 1, worker="w1"), devices=devices, workers=workers, models=models
+    )
+    req = PlacementRequest("x", 1, now=10)
+    assert not any(evictable(x, two, req) for x in two.copies)
+    assert plan_replication(two, {("m", 1): 0.0}, ReplicationConfig(10, 2), now=10) == []
+    one = view(c("m", 100, 1), devices=devices, workers=workers, models=models)
+    # Below its floor: a second copy whatever the rate.
+    assert plan_replication(one, {}, ReplicationConfig(10, 2), now=10) == [
+        Replicate("m", 1, "w1", "d1", 100)
+    ]
