@@ -65,8 +65,8 @@ def parse_infer(
                 f"model '{model}': input '{name}' needs 'shape' as a list of integers"
             )
         dtype = NUMPY_DTYPES[datatype]
-        params = t.get("parameters") or {}
-        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        params = _parameters(t, model, f"input '{name}'")
+        size = params.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise InvalidInput(
@@ -81,7 +81,12 @@ def parse_infer(
                     f"model '{model}': input '{name}' has neither 'data' nor binary_data_size"
                 )
             try:
-                array = np.asarray(t["data"], dtype=dtype)
+                loose = np.asarray(t["data"])
+                if loose.dtype.kind not in "biuf":
+                    # Strings, nulls, nested objects: numpy would coerce some of them
+                    # ("1" -> 1.0, None -> nan); the protocol wants numbers.
+                    raise TypeError(f"values must be numbers (got {loose.dtype.kind!r} data)")
+                array = loose.astype(dtype, casting="unsafe")
             except (ValueError, TypeError, OverflowError) as e:
                 raise InvalidInput(
                     f"model '{model}': input '{name}' data is not {datatype}: {e}"
@@ -100,21 +105,39 @@ def parse_infer(
             f"model '{model}': {len(binary)} bytes of binary data follow the JSON header "
             f"but the inputs' binary_data_size add up to {offset}"
         )
-    for i, o in enumerate(doc.get("outputs") or []):
+    outputs = doc.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise InvalidInput(f"model '{model}': 'outputs' must be a list")
+    for i, o in enumerate(outputs):
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise InvalidInput(f"model '{model}': outputs[{i}] needs a 'name'")
+        _flag(_parameters(o, model, f"output '{o['name']}'"), "binary_data", model)
         request.outputs.add(name=o["name"])
+    _flag(_parameters(doc, model, "request"), "binary_data_output", model)
     return request, doc
+
+
+def _parameters(obj: dict[str, Any], model: str, what: str) -> dict[str, Any]:
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidInput(f"model '{model}': {what} 'parameters' must be an object")
+    return params
+
+
+def _flag(params: dict[str, Any], key: str, model: str) -> None:
+    if key in params and not isinstance(params[key], bool):
+        raise InvalidInput(f"model '{model}': parameter '{key}' must be true or false")
 
 
 def render_infer(response: pb.ModelInferResponse, doc: dict[str, Any]) -> tuple[bytes, int | None]:
     """The REST reply body, and the JSON header's length when binary data follows."""
-    params = doc.get("parameters") if isinstance(doc.get("parameters"), dict) else {}
-    binary_default = bool(params.get("binary_data_output", False)) if params else False
+    # parse_infer checked the shapes of these parameters.
+    binary_default = bool((doc.get("parameters") or {}).get("binary_data_output", False))
     per_output = {
         o["name"]: bool((o.get("parameters") or {}).get("binary_data", binary_default))
         for o in (doc.get("outputs") or [])
-        if isinstance(o, dict) and "name" in o
     }
     head: dict[str, Any] = {
         "model_name": response.model_name,
