@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-plots", action="store_true", help="write report.json only")
     run.add_argument("--quiet", action="store_true", help="no per-second progress lines")
     run.add_argument("--log-level", default="INFO")
+    compare = sub.add_parser(
+        "compare", help="modelpool against its peers: DIR/compare.json, .md and .png"
+    )
+    from loadtests.compare import add_arguments as add_compare_arguments
+
+    add_compare_arguments(compare)
     return parser
 
 
@@ -96,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "compare":
+        from loadtests.compare import main as compare_main
+
+        return compare_main(args)
     try:
         options = options_from(args)
     except (ValueError, TypeError) as e:
