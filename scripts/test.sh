@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs modelpool with its test tools and the services the tests start
-# (redis-server, promtool), then runs lint, types and the test suite.
+# (redis-server, promtool) and the peer it is compared with (Ray Serve), then
+# runs lint, types and the test suite.
 # Extra arguments go to pytest, e.g. ./scripts/test.sh -m gpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="[test,plots]" source scripts/bootstrap.sh
+EXTRAS="[test,plots,peers]" source scripts/bootstrap.sh
 scripts/install-services.sh
 echo "==> ruff"
 .venv/bin/ruff check .
