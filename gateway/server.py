@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -166,6 +167,10 @@ class Gateway:
             await runner.cleanup()
         await self.clients.close()
         await self.store.close()
+
+
+#: Parses ``ready_line``: what supervisors, tests and benchmarks wait for on stdout.
+READY_RE = re.compile(r"modelpool ready http=(\d+) grpc=(\d+) metrics=(\d+)")
 
 
 def ready_line(ports: BoundPorts) -> str:

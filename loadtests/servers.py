@@ -4,7 +4,6 @@ redis-server, on ephemeral ports, stopped by the caller."""
 from __future__ import annotations
 
 import contextlib
-import re
 import signal
 import socket
 import subprocess
@@ -14,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-READY_RE = re.compile(r"modelpool ready http=(\d+) grpc=(\d+) metrics=(\d+)")
+from gateway.server import READY_RE
 
 
 @dataclass

@@ -27,8 +27,8 @@ from placement.policy import (
     PlacementRequest,
     Plan,
     _least_loaded_worker,
-    evictable,
     plan_lru,
+    victims_by,
 )
 
 #: Bytes per second assumed when a model was never loaded, to guess its reload cost
@@ -74,21 +74,8 @@ def value_victims(
 ) -> tuple[CopyView, ...] | None:
     """The lowest-valued idle copies on ``device`` whose removal frees ``need`` bytes,
     cheapest first; None when evicting every idle copy would not be enough."""
-    free = view.free_bytes(device)
-    if free >= need:
-        return ()
     # last_used breaks ties so that copies nobody tracks (value 0) go in LRU order.
-    candidates = sorted(
-        (c for c in view.copies_on(device.device_id) if evictable(c, view, req)),
-        key=lambda c: (value(c), c.last_used),
-    )
-    victims: list[CopyView] = []
-    for c in candidates:
-        victims.append(c)
-        free += c.footprint_bytes
-        if free >= need:
-            return tuple(victims)
-    return None
+    return victims_by(device, need, view, req, rank=lambda c: (value(c), c.last_used))
 
 
 def plan_by_value(view: ClusterView, req: PlacementRequest, value: ValueFn) -> Plan:

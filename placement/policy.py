@@ -7,7 +7,9 @@ decision free of I/O and clocks is what makes both possible.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from placement.cluster import ClusterView, CopyState, CopyView, DeviceView
 
@@ -81,17 +83,20 @@ def choose_route(copies: list[CopyView]) -> CopyView:
     return min(copies, key=lambda c: (c.inflight, -c.last_used))
 
 
-def lru_victims(
-    device: DeviceView, need: int, view: ClusterView, req: PlacementRequest
+def victims_by(
+    device: DeviceView,
+    need: int,
+    view: ClusterView,
+    req: PlacementRequest,
+    rank: Callable[[CopyView], Any],
 ) -> tuple[CopyView, ...] | None:
-    """The least recently used idle copies on ``device`` whose removal makes ``need``
-    bytes free, oldest first; None when even evicting every idle copy is not enough."""
+    """Idle copies on ``device``, lowest ``rank`` first, whose removal makes ``need``
+    bytes free; None when even evicting every idle copy is not enough."""
     free = view.free_bytes(device)
     if free >= need:
         return ()
     candidates = sorted(
-        (c for c in view.copies_on(device.device_id) if evictable(c, view, req)),
-        key=lambda c: c.last_used,
+        (c for c in view.copies_on(device.device_id) if evictable(c, view, req)), key=rank
     )
     victims: list[CopyView] = []
     for c in candidates:
@@ -100,6 +105,13 @@ def lru_victims(
         if free >= need:
             return tuple(victims)
     return None
+
+
+def lru_victims(
+    device: DeviceView, need: int, view: ClusterView, req: PlacementRequest
+) -> tuple[CopyView, ...] | None:
+    """The least recently used idle copies on ``device`` that make ``need`` bytes free."""
+    return victims_by(device, need, view, req, rank=lambda c: c.last_used)
 
 
 def plan_lru(view: ClusterView, req: PlacementRequest) -> Plan:

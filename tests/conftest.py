@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -16,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.server import READY_RE
+
 ROOT = Path(__file__).resolve().parent.parent
-READY_RE = re.compile(r"modelpool ready http=(\d+) grpc=(\d+) metrics=(\d+)")
 
 
 @dataclass

@@ -21,8 +21,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.server import READY_RE as MODELPOOL_READY
 from loadtests.peers.processes import ServerProcess
-from loadtests.servers import READY_RE as MODELPOOL_READY
 
 SYSTEMS = ("modelpool", "ray")
 PROTOCOLS: dict[str, tuple[str, ...]] = {"modelpool": ("http", "grpc"), "ray": ("http",)}
