@@ -23,7 +23,7 @@ from cache.records import WorkerRecord
 from cache.store import ResidencyStore
 from gateway.metrics import Metrics
 from gateway.workers import WorkerClients
-from gpu.worker import READY_LINE
+from gpu.protocol import READY_LINE
 
 log = logging.getLogger(__name__)
 

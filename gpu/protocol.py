@@ -13,6 +13,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+#: First word of the line a worker prints on stdout once it listens; the supervisor
+#: reads the address and id from the rest of it.
+READY_LINE = "MODELPOOL_WORKER_READY"
+
 SERVICE = "modelpool.Worker"
 LOAD = f"/{SERVICE}/Load"
 UNLOAD = f"/{SERVICE}/Unload"
@@ -83,6 +87,10 @@ class CopyStatus:
     load_seconds: float
     inflight: int
     last_used: float
+    #: Forward calls and requests answered since the load; fewer executions than
+    #: inferences means dynamic batching merged requests.
+    executions: int = 0
+    inferences: int = 0
 
 
 @dataclass(frozen=True)

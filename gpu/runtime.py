@@ -64,6 +64,9 @@ class LoadedModel:
     last_used: float = field(default_factory=time.time)
     loaded_at: float = field(default_factory=time.time)
     inflight: int = 0
+    #: Forward calls and requests answered: with dynamic batching the first is smaller.
+    executions: int = 0
+    inferences: int = 0
 
 
 def _module_bytes(module: torch.nn.Module) -> int:
@@ -210,39 +213,59 @@ class ModelRuntime:
             raise ModelNotReady(f"model '{name}' version {version} is not loaded on this worker")
         return loaded
 
-    def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        """Run one request. Inputs arrive as raw little-endian bytes (the gateway
-        normalises typed contents), go to forward() in config order, and outputs come
-        back as raw bytes in config order."""
+    def begin(self, request: pb.ModelInferRequest) -> LoadedModel:
+        """The copy a request is for, counted in flight until ``end``."""
         version = int(request.model_version) if request.model_version else 0
         if not version:
             version = max((v for (n, v) in self.models if n == request.model_name), default=0)
         loaded = self.get(request.model_name, version)
-        spec = loaded.spec
         with self._lock:
             loaded.inflight += 1
             loaded.last_used = time.time()
-        try:
-            args = self._inputs(spec, request)
-            try:
-                with torch.inference_mode():
-                    result = loaded.module(*args)
-            except torch.OutOfMemoryError as e:
-                self._release()
-                raise OutOfMemory(
-                    f"model '{spec.name}': out of device memory during inference"
-                ) from e
-            except Exception as e:  # a model's own error must never take the worker down
-                msg = str(e).strip().splitlines()
-                raise InferenceError(
-                    f"model '{spec.name}' failed on this input: {msg[-1] if msg else type(e).__name__}"
-                ) from e
-            return self._outputs(spec, loaded.version, request, result)
-        finally:
-            with self._lock:
-                loaded.inflight -= 1
+        return loaded
 
-    def _inputs(self, spec: ModelSpec, request: pb.ModelInferRequest) -> list[torch.Tensor]:
+    def end(self, loaded: LoadedModel) -> None:
+        with self._lock:
+            loaded.inflight -= 1
+
+    def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """Run one request. Inputs arrive as raw little-endian bytes (the gateway
+        normalises typed contents), go to forward() in config order, and outputs come
+        back as raw bytes in config order."""
+        loaded = self.begin(request)
+        try:
+            args = self.decode(loaded.spec, request)
+            return self.encode(loaded, request, self.forward(loaded, args))
+        finally:
+            self.end(loaded)
+
+    def forward(self, loaded: LoadedModel, args: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The model on CPU tensors, in config order; CPU tensors out, in config order.
+        Blocking: call it off the event loop."""
+        spec = loaded.spec
+        try:
+            with torch.inference_mode():
+                result = loaded.module(*[a.to(self.device, non_blocking=True) for a in args])
+        except torch.OutOfMemoryError as e:
+            self._release()
+            raise OutOfMemory(f"model '{spec.name}': out of device memory during inference") from e
+        except Exception as e:  # a model's own error must never take the worker down
+            msg = str(e).strip().splitlines()
+            raise InferenceError(
+                f"model '{spec.name}' failed on this input: {msg[-1] if msg else type(e).__name__}"
+            ) from e
+        values = list(result) if isinstance(result, (tuple, list)) else [result]
+        tensors = [t.detach().to("cpu") for t in values if isinstance(t, torch.Tensor)]
+        if len(values) != len(spec.outputs) or len(tensors) != len(values):
+            raise InferenceError(
+                f"model '{spec.name}' returned {len(values)} values; its config declares "
+                f"{len(spec.outputs)} tensor outputs"
+            )
+        loaded.executions += 1
+        return tensors
+
+    def decode(self, spec: ModelSpec, request: pb.ModelInferRequest) -> list[torch.Tensor]:
+        """The request's inputs as CPU tensors in config order (no copy of the bytes)."""
         by_name = {t.name: i for i, t in enumerate(request.inputs)}
         if len(request.raw_input_contents) != len(request.inputs):
             raise InvalidInput(
@@ -269,26 +292,16 @@ class ModelRuntime:
                 # copy per request would cost more than the warning is worth.
                 warnings.simplefilter("ignore", UserWarning)
                 tensor = torch.from_numpy(array)
-            args.append(tensor.to(self.device, non_blocking=True))
+            args.append(tensor)
         return args
 
-    def _outputs(
-        self, spec: ModelSpec, version: int, request: pb.ModelInferRequest, result: object
+    def encode(
+        self, loaded: LoadedModel, request: pb.ModelInferRequest, tensors: list[torch.Tensor]
     ) -> pb.ModelInferResponse:
-        values = list(result) if isinstance(result, (tuple, list)) else [result]
-        tensors = [t for t in values if isinstance(t, torch.Tensor)]
-        if (
-            len(values) != len(spec.outputs)
-            or len(tensors) != len(values)
-            or not all(isinstance(t, torch.Tensor) for t in tensors)
-        ):
-            raise InferenceError(
-                f"model '{spec.name}' returned {len(values)} values; its config declares "
-                f"{len(spec.outputs)} tensor outputs"
-            )
+        spec = loaded.spec
         wanted = {o.name for o in request.outputs} or {o.name for o in spec.outputs}
         response = pb.ModelInferResponse(
-            model_name=spec.name, model_version=str(version), id=request.id
+            model_name=spec.name, model_version=str(loaded.version), id=request.id
         )
         for out_spec, tensor in zip(spec.outputs, tensors, strict=True):
             if out_spec.name not in wanted:
@@ -299,10 +312,11 @@ class ModelRuntime:
                     f"model '{spec.name}': output '{out_spec.name}' is {wire}, "
                     f"config declares {out_spec.datatype}"
                 )
-            array = tensor.detach().to("cpu").contiguous().numpy()
+            array = tensor.contiguous().numpy()
             out = response.outputs.add()
             out.name = out_spec.name
             out.datatype = wire
             out.shape.extend(array.shape)
             response.raw_output_contents.append(array.tobytes())
+        loaded.inferences += 1
         return response

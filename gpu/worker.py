@@ -20,17 +20,20 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+import torch
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from gpu import protocol
+from gpu.batching import Batcher, Forward
 from gpu.memory import MemoryProbe, probe_for
+from gpu.protocol import READY_LINE
 from gpu.repository import ModelRepository
+from gpu.runtime import LoadedModel, ModelRuntime
 from placement.errors import InvalidInput, ModelNotFound, ModelNotReady, ModelpoolError, Unavailable
 
 log = logging.getLogger(__name__)
 
-READY_LINE = "MODELPOOL_WORKER_READY"
 
 #: Which gRPC status each typed error travels as; the class name rides along in the
 #: trailing metadata so the gateway re-raises the exact type.
@@ -71,7 +74,6 @@ R = TypeVar("R")
 
 class Worker(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, config: WorkerConfig) -> None:
-        from gpu.runtime import ModelRuntime  # torch import: only in the worker process
 
         self.config = config
         self.worker_id = config.worker_id or f"{os.uname().nodename}-{os.getpid()}"
@@ -86,6 +88,7 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
             max_workers=2, thread_name_prefix="load"
         )
         self._load_locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._batchers: dict[tuple[str, int], Batcher] = {}
 
     async def _run(self, pool: concurrent.futures.Executor, fn: Callable[..., R], *args: Any) -> R:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -96,6 +99,7 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
         lock = self._load_locks.setdefault(key, asyncio.Lock())
         async with lock:
             loaded = await self._run(self._load_pool, self.runtime.load, req.model, req.version)
+            self._start_batcher(loaded)
         return protocol.LoadResult(
             model=req.model,
             version=loaded.version,
@@ -111,6 +115,9 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
             freed, retained = await self._run(
                 self._load_pool, self.runtime.unload, req.model, req.version
             )
+            batcher = self._batchers.pop((req.model, req.version), None)
+            if batcher is not None:
+                await batcher.close()
         return protocol.UnloadResult(req.model, req.version, freed, retained)
 
     async def status(self, _req: object = None) -> protocol.WorkerStatus:
@@ -123,6 +130,8 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
                 load_seconds=m.load_seconds,
                 inflight=m.inflight,
                 last_used=m.last_used,
+                executions=m.executions,
+                inferences=m.inferences,
             )
             for m in list(self.runtime.models.values())
         )
@@ -153,7 +162,40 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
         if remaining is not None and remaining <= 0:
             # Answer an expired request before touching the device.
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before compute")
-        return await self._guard(context, self._run(self._infer_pool, self.runtime.infer, request))
+        return await self._guard(context, self._infer(request))
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        loaded = self.runtime.begin(request)
+        try:
+            batcher = self._batchers.get((loaded.spec.name, loaded.version))
+            if batcher is None:
+                args = self.runtime.decode(loaded.spec, request)
+                tensors = await self._run(self._infer_pool, self.runtime.forward, loaded, args)
+            else:
+                tensors = await batcher.submit(self.runtime.decode(loaded.spec, request))
+            return self.runtime.encode(loaded, request, tensors)
+        finally:
+            self.runtime.end(loaded)
+
+    def _start_batcher(self, loaded: LoadedModel) -> None:
+        """Triton's dynamic batching, for models whose config asks for it."""
+        spec = loaded.spec
+        key = (spec.name, loaded.version)
+        if (
+            key in self._batchers
+            or spec.max_batch_size <= 0
+            or not spec.config.HasField("dynamic_batching")
+        ):
+            return
+        delay_s = spec.config.dynamic_batching.max_queue_delay_microseconds / 1e6
+
+        def forward(args: list[torch.Tensor]) -> list[torch.Tensor]:
+            return self.runtime.forward(loaded, args)
+
+        async def run(fn: Forward, args: list[torch.Tensor]) -> list[torch.Tensor]:
+            return await self._run(self._infer_pool, fn, args)
+
+        self._batchers[key] = Batcher(spec.name, forward, run, spec.max_batch_size, delay_s)
 
     async def RepositoryModelLoad(self, request, context):
         await self._guard(context, self.load(protocol.LoadRequest(request.model_name, 0)))
