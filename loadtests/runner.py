@@ -166,6 +166,9 @@ class _Driver:
         except asyncio.CancelledError:
             # Only the drain deadline cancels these; record it and end quietly.
             error = UNFINISHED
+        except Exception as e:  # an adapter's own bug must still count as one failed request
+            error = type(e).__name__
+            log.warning("request to %s failed unexpectedly: %r", a.model, e)
         self.recorder.on_finished(
             Outcome(a.model, a.tenant, a.t, sent - a.t, self._now(), latency, error)
         )
