@@ -31,14 +31,12 @@ class Announcer:
         self.record = record
         self.held = held
         self.interval_s = interval_s
-        self.announcements = 0
 
     async def beat(self) -> None:
         if await self.store.heartbeat(self.record):
             copies = self.held()
             for copy in copies:
                 await self.store.put_copy(copy)
-            self.announcements += 1
             log.info("worker %s announced with %d copies", self.record.worker_id, len(copies))
 
     async def run(self) -> None:

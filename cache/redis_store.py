@@ -184,7 +184,6 @@ class RedisStore(ResidencyStore):
         self._device_of: dict[str, str] = {}
         self._listener: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
-        self.resyncs = 0
 
     # -- error edge ------------------------------------------------------------------
     async def _io(self, what: str, call: Awaitable[T]) -> T:
@@ -194,12 +193,6 @@ class RedisStore(ResidencyStore):
             raise ResidencyStoreError(
                 f"residency store (redis) {what} failed: {e}", retry_after_s=1.0
             ) from None
-
-    async def ping(self) -> bool:
-        try:
-            return bool(await self.redis.ping())
-        except (RedisError, OSError):
-            return False
 
     # -- events ----------------------------------------------------------------------
     async def _emit(self, event: StoreEvent, device_id: str = "") -> None:
@@ -240,7 +233,6 @@ class RedisStore(ResidencyStore):
                 self._publish(
                     Resynced(tuple(snap.workers), tuple(snap.devices), tuple(snap.copies))
                 )
-                self.resyncs += 1
                 self.connected.set()
                 backoff = 0.1
                 log.info(

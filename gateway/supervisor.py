@@ -208,9 +208,6 @@ class LocalWorkers:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
-    def pids(self) -> dict[str, int]:
-        return {wid: p.pid for wid, p in self.procs.items() if p.returncode is None and p.pid}
-
 
 def local_slots(node: str, devices: list[str], per_device: int) -> list[WorkerSlot]:
     return [

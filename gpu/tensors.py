@@ -38,13 +38,6 @@ CONTENTS_FIELD: dict[str, str] = {
     "FP64": "fp64_contents",
 }
 
-_BY_NUMPY = {v: k for k, v in NUMPY_DTYPES.items()}
-
-
-def datatype_of(array: np.ndarray) -> str:
-    """The wire datatype of a numpy array; KeyError for types the protocol lacks."""
-    return _BY_NUMPY[array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype]
-
 
 def element_count(shape: tuple[int, ...] | list[int]) -> int:
     n = 1

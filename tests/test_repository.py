@@ -18,7 +18,9 @@ output [ {{ name: "o" data_type: TYPE_FP16 dims: [ 3 ] }} ]
 """
 
 
-def _model(repo: Path, name: str, versions=(1,), extra: str = "", filename: str = "model.pt") -> Path:
+def _model(
+    repo: Path, name: str, versions=(1,), extra: str = "", filename: str = "model.pt"
+) -> Path:
     d = repo / name
     d.mkdir(parents=True)
     (d / "config.pbtxt").write_text(BASE.format(name=name, extra=extra))
@@ -31,7 +33,10 @@ def _model(repo: Path, name: str, versions=(1,), extra: str = "", filename: str 
 def test_parses_inputs_outputs_in_config_order(tmp_path: Path) -> None:
     spec = read_model(_model(tmp_path, "m"))
     assert spec.error is None
-    assert [(t.name, t.datatype, t.dims) for t in spec.inputs] == [("a", "FP32", (2, -1)), ("b", "INT64", (1,))]
+    assert [(t.name, t.datatype, t.dims) for t in spec.inputs] == [
+        ("a", "FP32", (2, -1)),
+        ("b", "INT64", (1,)),
+    ]
     assert [(t.name, t.datatype) for t in spec.outputs] == [("o", "FP16")]
     assert spec.max_batch_size == 4 and spec.versions == (1,)
 
@@ -56,7 +61,9 @@ def test_version_policy(tmp_path: Path, policy: str, expected: tuple[int, ...]) 
 
 
 def test_default_model_filename(tmp_path: Path) -> None:
-    spec = read_model(_model(tmp_path, "m", extra='default_model_filename: "net.pt"', filename="net.pt"))
+    spec = read_model(
+        _model(tmp_path, "m", extra='default_model_filename: "net.pt"', filename="net.pt")
+    )
     assert spec.error is None and spec.artifacts[1].name == "net.pt"
 
 
@@ -66,11 +73,19 @@ def test_default_model_filename(tmp_path: Path) -> None:
         ('name: "m" platform: "pytorch_libtorch" input {', "config.pbtxt"),
         ('name: "other" platform: "pytorch_libtorch"', "does not match directory"),
         ('name: "m" platform: "onnxruntime_onnx"', "not supported"),
-        ('name: "m" platform: "pytorch_libtorch" output { name: "o" data_type: TYPE_FP32 dims: 1 }', "at least one input"),
-        ('name: "m" platform: "pytorch_libtorch" input { name: "a" dims: 1 } output { name: "o" data_type: TYPE_FP32 dims: 1 }', "no data_type"),
+        (
+            'name: "m" platform: "pytorch_libtorch" output { name: "o" data_type: TYPE_FP32 dims: 1 }',
+            "at least one input",
+        ),
+        (
+            'name: "m" platform: "pytorch_libtorch" input { name: "a" dims: 1 } output { name: "o" data_type: TYPE_FP32 dims: 1 }',
+            "no data_type",
+        ),
     ],
 )
-def test_bad_configs_are_unavailable_with_a_reason(tmp_path: Path, config: str, reason: str) -> None:
+def test_bad_configs_are_unavailable_with_a_reason(
+    tmp_path: Path, config: str, reason: str
+) -> None:
     d = _model(tmp_path, "m")
     (d / "config.pbtxt").write_text(config)
     spec = read_model(d)
@@ -108,5 +123,9 @@ def test_modelpool_parameters_pin_and_declared_size(tmp_path: Path) -> None:
     )
     spec = read_model(_model(tmp_path, "m", extra=extra))
     assert spec.error is None and spec.pinned and spec.estimated_bytes(1) == 64_000_000
-    d = _model(tmp_path, "bad", extra='parameters { key: "modelpool.pinned" value { string_value: "maybe" } }')
+    d = _model(
+        tmp_path,
+        "bad",
+        extra='parameters { key: "modelpool.pinned" value { string_value: "maybe" } }',
+    )
     assert "modelpool.pinned" in (read_model(d).error or "")

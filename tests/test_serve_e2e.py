@@ -203,16 +203,24 @@ def test_modelpool_status_shows_resident_models(served_examples) -> None:
     client.infer("mlp_00_2mb", [x])
     url = f"http://{served_examples.http_url}"
     out = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "status", "--url", url], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "gateway.cli", "status", "--url", url],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("modelpool") and "resident" in lines[0]
     row = next(line for line in lines if line.startswith("mlp_00_2mb"))
     assert "READY" in row and "MiB" in row
-    assert any(line.startswith("DEVICE") for line in lines) and any(line.startswith("WORKER") for line in lines)
+    assert any(line.startswith("DEVICE") for line in lines) and any(
+        line.startswith("WORKER") for line in lines
+    )
     raw = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "status", "--url", url, "--json"], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "gateway.cli", "status", "--url", url, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     doc = json.loads(raw.stdout)
     assert any(c["model"] == "mlp_00_2mb" and c["state"] == "READY" for c in doc["copies"])
