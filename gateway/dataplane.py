@@ -131,7 +131,7 @@ class DataPlane:
         failed load of an unchanged artifact)."""
         try:
             _, v = self.spec(name, version)
-            self.placer._check_failed(name, v)
+            self.placer.check_failed(name, v)
         except ModelpoolError:
             return False
         return True

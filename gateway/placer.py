@@ -146,7 +146,7 @@ class Placer:
         got = self.try_acquire(model, version)
         if got is not None:
             return got
-        self._check_failed(model, version)
+        self.check_failed(model, version)
         deadline = time.monotonic() + self.acquire_timeout_s
         while True:
             await self._ensure_loaded(model, version, deadline)
@@ -158,7 +158,7 @@ class Placer:
                     f"model '{model}': no copy became ready in time", retry_after_s=2.0
                 )
 
-    def _check_failed(self, model: str, version: int) -> None:
+    def check_failed(self, model: str, version: int) -> None:
         failure = self.failures.get((model, version))
         if failure is None:
             return
