@@ -31,8 +31,24 @@ class ResidencyView:
         self.workers: dict[str, WorkerRecord] = {}
         self.devices: dict[str, DeviceRecord] = {}
         self.copies: dict[CopyKey, CopyView] = {}
+        #: Copy keys by (model, version): the warm path looks up one model's copies
+        #: without scanning every copy of every model.
+        self._by_model: defaultdict[tuple[str, int], set[CopyKey]] = defaultdict(set)
         self.inflight: defaultdict[CopyKey, int] = defaultdict(int)
         self.last_used: dict[CopyKey, float] = {}
+
+    def put(self, copy: CopyView) -> None:
+        """Record a copy (mutate the view only through ``put`` and ``drop``)."""
+        self.copies[copy.key] = copy
+        self._by_model[(copy.model, copy.version)].add(copy.key)
+
+    def drop(self, key: CopyKey) -> None:
+        if self.copies.pop(key, None) is not None:
+            keys = self._by_model.get((key[0], key[1]))
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_model[(key[0], key[1])]
 
     def reset(
         self,
@@ -43,7 +59,10 @@ class ResidencyView:
         """Replace everything with a snapshot (start-up, reconnect to the store)."""
         self.workers = {w.worker_id: w for w in workers}
         self.devices = {d.device_id: d for d in devices}
-        self.copies = {c.key: c for c in copies}
+        self.copies = {}
+        self._by_model.clear()
+        for c in copies:
+            self.put(c)
 
     def apply(self, event: StoreEvent) -> None:
         match event:
@@ -52,11 +71,11 @@ class ResidencyView:
             case WorkerDown(worker_id=wid):
                 self.workers.pop(wid, None)
                 for key in [k for k in self.copies if k[2] == wid]:
-                    del self.copies[key]
+                    self.drop(key)
             case CopyUpserted(copy=c):
-                self.copies[c.key] = c
+                self.put(c)
             case CopyRemoved(key=key):
-                self.copies.pop(key, None)
+                self.drop(key)
             case DevicePut(device=d):
                 self.devices[d.device_id] = d
             case Resynced(workers=workers, devices=devices, copies=copies):
@@ -69,13 +88,11 @@ class ResidencyView:
         return dataclasses.replace(copy, inflight=self.inflight.get(key, 0), last_used=last)
 
     def ready_copies(self, model: str, version: int) -> list[CopyView]:
+        copies = (self.copies[k] for k in self._by_model.get((model, version), ()))
         return [
             self.merged(c)
-            for c in self.copies.values()
-            if c.model == model
-            and c.version == version
-            and c.state == CopyState.READY
-            and c.worker_id in self.workers
+            for c in copies
+            if c.state == CopyState.READY and c.worker_id in self.workers
         ]
 
     def all_copies(self) -> list[CopyView]:

@@ -253,7 +253,7 @@ class Placer:
         claimed = []
         for v in victims:
             copy = dataclasses.replace(self.view.copies[v.key], state=CopyState.UNLOADING)
-            self.view.copies[v.key] = copy
+            self.view.put(copy)
             claimed.append(copy)
         return claimed
 
@@ -432,7 +432,7 @@ class Placer:
         replaced at another address (a restarted local worker keeps its id). A live
         worker dropped by mistake re-announces itself on its next heartbeat."""
         key = acquired.copy.key
-        self.view.copies.pop(key, None)
+        self.view.drop(key)
         worker = self.view.workers.get(acquired.copy.worker_id)
         if not worker_gone or worker is None or worker.address != acquired.client.address:
             with contextlib.suppress(ModelpoolError):
