@@ -4,6 +4,7 @@ redis-server, on ephemeral ports, stopped by the caller."""
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import socket
 import subprocess
@@ -38,17 +39,29 @@ def start_serve(repo: Path, extra: list[str], log_path: Path, timeout_s: float =
         "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *extra,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True)
+    m = wait_for_line(proc, READY_RE, timeout_s)
+    if m is None:
+        raise RuntimeError(f"modelpool serve did not start; see {log_path}")
+    return Serve(proc, int(m[1]), int(m[2]), int(m[3]))
+
+
+def wait_for_line(
+    proc: subprocess.Popen[str], pattern: re.Pattern[str], timeout_s: float
+) -> re.Match[str] | None:
+    """Read ``proc``'s stdout until a line matches ``pattern``; None (and the process
+    killed) if it exits first or ``timeout_s`` passes between lines."""
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
             break
-        m = READY_RE.search(line)
+        m = pattern.search(line)
         if m:
-            return Serve(proc, int(m[1]), int(m[2]), int(m[3]))
+            return m
     proc.kill()
-    raise RuntimeError(f"modelpool serve did not start; see {log_path}")
+    proc.wait()
+    return None
 
 
 def stop(proc: subprocess.Popen[str] | subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:

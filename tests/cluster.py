@@ -13,6 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from loadtests.servers import wait_for_line
 from tests.conftest import READY_RE, ROOT, Served
 
 WORKER_RE = re.compile(r"MODELPOOL_WORKER_READY address=(\S+) worker_id=(\S+)")
@@ -45,17 +46,10 @@ def _env() -> dict[str, str]:
 def _wait_line(
     proc: subprocess.Popen[str], pattern: re.Pattern[str], log: Path, timeout: float = 60
 ) -> re.Match[str]:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = pattern.search(line)
-        if m:
-            return m
-    proc.kill()
-    raise RuntimeError(f"process did not start:\n{log.read_text()}")
+    m = wait_for_line(proc, pattern, timeout)
+    if m is None:
+        raise RuntimeError(f"process did not start:\n{log.read_text()}")
+    return m
 
 
 def start_worker(

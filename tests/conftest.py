@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gateway.server import READY_RE
+from loadtests.servers import wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,18 +95,10 @@ def start_serve(repo: Path, log_path: Path, *args: str, timeout: float = 90.0) -
     ]  # fmt: skip
     log = log_path.open("w")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, env=env)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = READY_RE.search(line)
-        if m:
-            return Served(proc, int(m[1]), int(m[2]), int(m[3]), log_path, repo)
-    proc.kill()
-    proc.wait()
-    raise RuntimeError(f"modelpool serve did not start:\n{log_path.read_text()}")
+    m = wait_for_line(proc, READY_RE, timeout)
+    if m is None:
+        raise RuntimeError(f"modelpool serve did not start:\n{log_path.read_text()}")
+    return Served(proc, int(m[1]), int(m[2]), int(m[3]), log_path, repo)
 
 
 @pytest.fixture
