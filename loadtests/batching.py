@@ -17,13 +17,12 @@ import json
 import shutil
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
-from loadtests.servers import serving
+from loadtests.closed_loop import drive
+from loadtests.servers import holder_address, serving
 
 
 async def closed_loop(url: str, model: str, width: int, total: int, concurrency: int) -> float:
@@ -32,34 +31,17 @@ async def closed_loop(url: str, model: str, width: int, total: int, concurrency:
     client = tgrpc.InferenceServerClient(url)
     x = tgrpc.InferInput("input", [1, width], "FP32")
     x.set_data_from_numpy(np.random.default_rng(0).standard_normal((1, width)).astype(np.float32))
-    await client.infer(model, [x])  # load it
-    sent = 0
-    step = max(1, total // 5)
-
-    async def lane() -> None:
-        nonlocal sent
-        while sent < total:
-            sent += 1
-            await client.infer(model, [x])
-            if sent % step == 0:
-                print(f"  {model}: {sent}/{total}", file=sys.stderr, flush=True)
-
-    started = time.perf_counter()
     try:
-        await asyncio.gather(*(lane() for _ in range(concurrency)))
+        await client.infer(model, [x])  # load it
+        return await drive(client, [(model, [x])], total, concurrency, label=f"{model}: ")
     finally:
         await client.close()
-    return total / (time.perf_counter() - started)
 
 
 async def worker_counts(http_url: str) -> dict[str, tuple[int, int]]:
     from gateway.workers import WorkerClient
 
-    def address() -> str:
-        with urllib.request.urlopen(f"http://{http_url}/v2/modelpool/status", timeout=10) as r:
-            return json.load(r)["workers"][0]["address"]
-
-    client = WorkerClient("w", await asyncio.to_thread(address))
+    client = WorkerClient("w", await asyncio.to_thread(holder_address, http_url))
     try:
         status = await client.status(timeout_s=10)
     finally:

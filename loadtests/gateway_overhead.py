@@ -17,13 +17,12 @@ import os
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from loadtests.servers import start_serve, stop
+from loadtests.servers import holder_address, start_serve, stop
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -84,16 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = [args.batch] + [int(d) if int(d) > 0 else 1 for d in t["shape"][1:]]
         data = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         grpc.load_model(args.model)
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{http_port}/v2/modelpool/status", timeout=10
-        ) as r:
-            status = json.load(r)
-        holder = next(
-            c["worker_id"]
-            for c in status["copies"]
-            if c["model"] == args.model and c["state"] == "READY"
-        )
-        address = next(w["address"] for w in status["workers"] if w["worker_id"] == holder)
+        address = holder_address(f"127.0.0.1:{http_port}", args.model)
         direct = tgrpc.InferenceServerClient(address)
 
         def g_input(mod):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loadtests.closed_loop import drive
 from loadtests.servers import redis_server, serving
 
 
@@ -51,24 +52,10 @@ async def closed_loop(url: str, models: list[dict], total: int, concurrency: int
             x.set_data_from_numpy(np.ones(shape, dtype=dtype))
             inputs.append(x)
         payloads.append((m["name"], inputs))
-    sent = 0
-    step = max(1, total // 10)
-
-    async def lane() -> None:
-        nonlocal sent
-        while sent < total:
-            name, inputs = payloads[sent % len(payloads)]
-            sent += 1
-            await client.infer(name, inputs)
-            if sent % step == 0:
-                print(f"  {sent}/{total}", file=sys.stderr, flush=True)
-
-    started = time.perf_counter()
     try:
-        await asyncio.gather(*(lane() for _ in range(concurrency)))
+        return await drive(client, payloads, total, concurrency)
     finally:
         await client.close()
-    return total / (time.perf_counter() - started)
 
 
 def model_metadata(url: str) -> list[dict]:

@@ -4,12 +4,14 @@ redis-server, on ephemeral ports, stopped by the caller."""
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +74,19 @@ def stop(proc: subprocess.Popen[str] | subprocess.Popen[bytes], timeout_s: float
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def holder_address(http_url: str, model: str | None = None) -> str:
+    """The gRPC address of the worker holding a READY copy of ``model`` (None: the
+    first worker), from the gateway's status endpoint."""
+    with urllib.request.urlopen(f"http://{http_url}/v2/modelpool/status", timeout=10) as r:
+        status = json.load(r)
+    if model is None:
+        return str(status["workers"][0]["address"])
+    holder = next(
+        c["worker_id"] for c in status["copies"] if c["model"] == model and c["state"] == "READY"
+    )
+    return str(next(w["address"] for w in status["workers"] if w["worker_id"] == holder))
 
 
 @contextlib.contextmanager
