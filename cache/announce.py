@@ -12,9 +12,9 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from cache.records import CopyView, WorkerRecord
-from cache.redis_store import RedisStore
-from placement.errors import ResidencyStoreError
+from modelpool.cache.records import CopyView, WorkerRecord
+from modelpool.cache.redis_store import RedisStore
+from modelpool.placement.errors import ResidencyStoreError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import Any
 
-from cache.records import (
+from modelpool.cache.records import (
     CopyKey,
     CopyRemoved,
     CopyState,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from placement.cluster import CopyState, CopyView
+from modelpool.placement.cluster import CopyState, CopyView
 
 __all__ = [
     "CopyKey",

@@ -41,8 +41,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cache import codec
-from cache.records import (
+from modelpool.cache import codec
+from modelpool.cache.records import (
     CopyKey,
     CopyRemoved,
     CopyUpserted,
@@ -55,8 +55,8 @@ from cache.records import (
     WorkerRecord,
     WorkerUp,
 )
-from cache.store import ResidencyStore, Snapshot
-from placement.errors import ResidencyStoreError, Unavailable
+from modelpool.cache.store import ResidencyStore, Snapshot
+from modelpool.placement.errors import ResidencyStoreError, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
-from cache.records import (
+from modelpool.cache.records import (
     CopyKey,
     CopyRemoved,
     CopyState,
@@ -29,7 +29,7 @@ from cache.records import (
     WorkerRecord,
     WorkerUp,
 )
-from placement.errors import Unavailable
+from modelpool.placement.errors import Unavailable
 
 Listener = Callable[[StoreEvent], None]
 

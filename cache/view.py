@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 
-from cache.records import (
+from modelpool.cache.records import (
     CopyKey,
     CopyRemoved,
     CopyState,

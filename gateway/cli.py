@@ -10,8 +10,8 @@ import signal
 import socket
 import sys
 
-from gateway.config import GatewayConfig
-from placement.units import parse_size
+from modelpool.gateway.config import GatewayConfig
+from modelpool.placement.units import parse_size
 
 log = logging.getLogger("modelpool")
 
@@ -174,12 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "examples":
-        from gpu.examples import main as examples_main
+        from modelpool.gpu.examples import main as examples_main
 
         forwarded = ["--out", args.out, "--count", str(args.count), "--seed", str(args.seed)]
         return examples_main(forwarded + (["--large"] if args.large else []))
     if args.command == "status":
-        from gateway.status_view import run
+        from modelpool.gateway.status_view import run
 
         try:
             return run(args.url, args.watch, args.json)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    from gpu.worker import WorkerConfig, serve_worker
+    from modelpool.gpu.worker import WorkerConfig, serve_worker
 
     budget = args.device_memory_budget
     if args.device == "cpu" and budget is None:
@@ -226,9 +226,9 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 def _announce_to(url: str, namespace: str, node: str):
     """Registers the worker in Redis, heartbeats, re-announces its copies when needed."""
-    from cache.announce import Announcer
-    from cache.records import CopyState, CopyView, WorkerRecord
-    from cache.redis_store import RedisStore
+    from modelpool.cache.announce import Announcer
+    from modelpool.cache.records import CopyState, CopyView, WorkerRecord
+    from modelpool.cache.redis_store import RedisStore
 
     async def run(worker, address: str) -> None:
         store = RedisStore(url, namespace=namespace)
@@ -256,8 +256,13 @@ def _announce_to(url: str, namespace: str, node: str):
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from gateway.server import Gateway, ready_line
-    from gateway.supervisor import LocalWorkers, SupervisorConfig, detect_devices, local_slots
+    from modelpool.gateway.server import Gateway, ready_line
+    from modelpool.gateway.supervisor import (
+        LocalWorkers,
+        SupervisorConfig,
+        detect_devices,
+        local_slots,
+    )
 
     config = _gateway_config(args)
     if args.workers < 1:
@@ -313,8 +318,8 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
-    from placement.pressure import Watermarks
-    from placement.replication import ReplicationConfig
+    from modelpool.placement.pressure import Watermarks
+    from modelpool.placement.replication import ReplicationConfig
 
     return GatewayConfig(
         model_repository=args.model_repository,
@@ -337,16 +342,16 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
 
 def _store(url: str | None, namespace: str):
     if url is None:
-        from cache.store import InMemoryStore
+        from modelpool.cache.store import InMemoryStore
 
         return InMemoryStore()
-    from cache.redis_store import RedisStore
+    from modelpool.cache.redis_store import RedisStore
 
     return RedisStore(url, namespace=namespace)
 
 
 async def _gateway(args: argparse.Namespace) -> int:
-    from gateway.server import Gateway, ready_line
+    from modelpool.gateway.server import Gateway, ready_line
 
     gateway = Gateway(_gateway_config(args), _store(args.redis_url, args.redis_namespace))
     stop = asyncio.Event()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from placement.pressure import Watermarks
-from placement.replication import ReplicationConfig
-from placement.units import parse_size
+from modelpool.placement.pressure import Watermarks
+from modelpool.placement.replication import ReplicationConfig
+from modelpool.placement.units import parse_size
 
 __all__ = ["GatewayConfig", "parse_size"]
 

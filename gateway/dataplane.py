@@ -17,15 +17,20 @@ from typing import Any
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
-from cache.records import CopyState
-from cache.view import ResidencyView
-from gateway.errors import outcome_of
-from gateway.metrics import UNKNOWN_MODEL, Metrics
-from gateway.placer import Placer
-from gateway.stats import Statistics
-from gateway.validate import contents_to_raw, validate_request
-from gpu.repository import ModelRepository, ModelSpec
-from placement.errors import ModelNotFound, ModelNotReady, ModelpoolError, WorkerUnavailable
+from modelpool.cache.records import CopyState
+from modelpool.cache.view import ResidencyView
+from modelpool.gateway.errors import outcome_of
+from modelpool.gateway.metrics import UNKNOWN_MODEL, Metrics
+from modelpool.gateway.placer import Placer
+from modelpool.gateway.stats import Statistics
+from modelpool.gateway.validate import contents_to_raw, validate_request
+from modelpool.gpu.repository import ModelRepository, ModelSpec
+from modelpool.placement.errors import (
+    ModelNotFound,
+    ModelNotReady,
+    ModelpoolError,
+    WorkerUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +334,7 @@ class DataPlane:
         self.repository.refresh(name)
         spec = self.repository.get(name)
         if spec.error is not None:
-            from placement.errors import ModelNotReady
+            from modelpool.placement.errors import ModelNotReady
 
             raise ModelNotReady(f"model '{name}' is not available: {spec.error}")
         for v in spec.versions:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from placement.errors import (
+from modelpool.placement.errors import (
     DoesNotFit,
     InferenceError,
     InvalidInput,

@@ -13,9 +13,9 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from gateway.dataplane import DataPlane
-from gateway.errors import retry_after, status_of
-from placement.errors import InvalidInput, ModelpoolError
+from modelpool.gateway.dataplane import DataPlane
+from modelpool.gateway.errors import retry_after, status_of
+from modelpool.placement.errors import InvalidInput, ModelpoolError
 
 log = logging.getLogger(__name__)
 

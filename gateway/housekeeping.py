@@ -19,16 +19,16 @@ import contextlib
 import logging
 import time
 
-from cache.records import CopyState, CopyView, DeviceRecord
-from cache.store import ResidencyStore
-from cache.view import ResidencyView
-from gateway.metrics import Metrics
-from gateway.placer import Placer
-from gateway.workers import WorkerClients
-from gpu.protocol import DeviceMemory
-from placement.errors import ModelpoolError
-from placement.pressure import pressure_victims
-from placement.replication import Replicate, ReplicationConfig, Shrink, plan_replication
+from modelpool.cache.records import CopyState, CopyView, DeviceRecord
+from modelpool.cache.store import ResidencyStore
+from modelpool.cache.view import ResidencyView
+from modelpool.gateway.metrics import Metrics
+from modelpool.gateway.placer import Placer
+from modelpool.gateway.workers import WorkerClients
+from modelpool.gpu.protocol import DeviceMemory
+from modelpool.placement.errors import ModelpoolError
+from modelpool.placement.pressure import pressure_victims
+from modelpool.placement.replication import Replicate, ReplicationConfig, Shrink, plan_replication
 
 log = logging.getLogger(__name__)
 

@@ -30,15 +30,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cache.records import CopyState, CopyView
-from cache.store import ResidencyStore
-from cache.view import ResidencyView
-from gateway.metrics import Metrics
-from gateway.workers import WorkerClient, WorkerClients
-from gpu.repository import ModelRepository
-from placement import policy as pol
-from placement.cluster import ClusterView, DeviceView, ModelInfo, WorkerView
-from placement.errors import (
+from modelpool.cache.records import CopyState, CopyView
+from modelpool.cache.store import ResidencyStore
+from modelpool.cache.view import ResidencyView
+from modelpool.gateway.metrics import Metrics
+from modelpool.gateway.workers import WorkerClient, WorkerClients
+from modelpool.gpu.repository import ModelRepository
+from modelpool.placement import policy as pol
+from modelpool.placement.cluster import ClusterView, DeviceView, ModelInfo, WorkerView
+from modelpool.placement.errors import (
     DoesNotFit,
     ModelLoadError,
     ModelpoolError,
@@ -46,8 +46,8 @@ from placement.errors import (
     Unavailable,
     WorkerUnavailable,
 )
-from placement.policies import Evicted, Loaded, PolicyState, Requested, make_policy
-from placement.pressure import Watermarks
+from modelpool.placement.policies import Evicted, Loaded, PolicyState, Requested, make_policy
+from modelpool.placement.pressure import Watermarks
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from tritonclient.grpc import service_pb2 as pb
 
-from gateway.dataplane import DataPlane
-from gateway.errors import retry_after, status_of
-from gateway.proto_json import message_to_json
-from gateway.rest_codec import HEADER_LENGTH, parse_infer, render_infer
-from placement.errors import InvalidInput, ModelpoolError, PayloadTooLarge
+from modelpool.gateway.dataplane import DataPlane
+from modelpool.gateway.errors import retry_after, status_of
+from modelpool.gateway.proto_json import message_to_json
+from modelpool.gateway.rest_codec import HEADER_LENGTH, parse_infer, render_infer
+from modelpool.placement.errors import InvalidInput, ModelpoolError, PayloadTooLarge
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from gpu.tensors import NUMPY_DTYPES, element_count
-from placement.errors import InvalidInput
+from modelpool.gpu.tensors import NUMPY_DTYPES, element_count
+from modelpool.placement.errors import InvalidInput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

@@ -14,20 +14,20 @@ import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from cache.records import CopyState
-from cache.store import ResidencyStore
-from cache.view import ResidencyView
-from gateway.config import GatewayConfig
-from gateway.dataplane import DataPlane
-from gateway.grpc_server import create_grpc_server
-from gateway.housekeeping import Housekeeper
-from gateway.metrics import Metrics
-from gateway.placer import Placer
-from gateway.rest import create_rest_app
-from gateway.workers import WorkerClients
-from gpu.repository import ModelRepository
-from placement.errors import ModelpoolError
-from placement.policies import make_policy
+from modelpool.cache.records import CopyState
+from modelpool.cache.store import ResidencyStore
+from modelpool.cache.view import ResidencyView
+from modelpool.gateway.config import GatewayConfig
+from modelpool.gateway.dataplane import DataPlane
+from modelpool.gateway.grpc_server import create_grpc_server
+from modelpool.gateway.housekeeping import Housekeeper
+from modelpool.gateway.metrics import Metrics
+from modelpool.gateway.placer import Placer
+from modelpool.gateway.rest import create_rest_app
+from modelpool.gateway.workers import WorkerClients
+from modelpool.gpu.repository import ModelRepository
+from modelpool.placement.errors import ModelpoolError
+from modelpool.placement.policies import make_policy
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache.records import WorkerRecord
-from cache.store import ResidencyStore
-from gateway.metrics import Metrics
-from gateway.workers import WorkerClients
-from gpu.protocol import READY_LINE
+from modelpool.cache.records import WorkerRecord
+from modelpool.cache.store import ResidencyStore
+from modelpool.gateway.metrics import Metrics
+from modelpool.gateway.workers import WorkerClients
+from modelpool.gpu.protocol import READY_LINE
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,9 @@ class LocalWorkers:
 
     def _command(self, slot: WorkerSlot) -> list[str]:
         cmd = [
-            sys.executable, "-m", "gateway.cli", "worker",
+            # -P: the current directory is not on sys.path, so a user's own gpu/ or
+            # modelpool/ folder there cannot shadow the installed package.
+            sys.executable, "-P", "-m", "modelpool.gateway.cli", "worker",
             "--model-repository", self.config.model_repository,
             "--device", slot.device,
             "--host", "127.0.0.1",

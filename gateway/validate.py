@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from gpu.repository import ModelSpec, TensorSpec
-from gpu.tensors import CONTENTS_FIELD, NUMPY_DTYPES, byte_size, element_count
-from placement.errors import InvalidInput
+from modelpool.gpu.repository import ModelSpec, TensorSpec
+from modelpool.gpu.tensors import CONTENTS_FIELD, NUMPY_DTYPES, byte_size, element_count
+from modelpool.placement.errors import InvalidInput
 
 
 def _shape_ok(spec: ModelSpec, t: TensorSpec, shape: tuple[int, ...]) -> str | None:

@@ -14,8 +14,8 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-import placement.errors as errors
-from gpu import protocol
+import modelpool.placement.errors as errors
+from modelpool.gpu import protocol
 
 log = logging.getLogger(__name__)
 

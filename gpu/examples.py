@@ -332,6 +332,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     # Run through the package's module: classes defined in __main__ would be saved as
     # __torch__.___main__.*, so the CLI's files would differ from write_examples'.
-    from gpu.examples import main as _main
+    from modelpool.gpu.examples import main as _main
 
     sys.exit(_main())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from gpu.protocol import DeviceMemory
+from modelpool.gpu.protocol import DeviceMemory
 
 log = logging.getLogger(__name__)
 

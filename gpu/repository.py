@@ -18,8 +18,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from gpu.tensors import NUMPY_DTYPES
-from placement.errors import InvalidInput, ModelNotFound, ModelNotReady
+from modelpool.gpu.tensors import NUMPY_DTYPES
+from modelpool.placement.errors import InvalidInput, ModelNotFound, ModelNotReady
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def _modelpool_parameters(config: mc.ModelConfig) -> tuple[bool, int | None, int
         raise ValueError(f"parameter modelpool.pinned must be true or false, not '{pinned_text}'")
     declared = params.get("modelpool.estimated_bytes")
     if declared is not None:
-        from placement.units import parse_size
+        from modelpool.placement.units import parse_size
 
         declared_bytes: int | None = parse_size(declared)
     else:

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from tritonclient.grpc import service_pb2 as pb
 
-from gpu.repository import ModelRepository, ModelSpec
-from gpu.tensors import NUMPY_DTYPES
-from placement.errors import (
+from modelpool.gpu.repository import ModelRepository, ModelSpec
+from modelpool.gpu.tensors import NUMPY_DTYPES
+from modelpool.placement.errors import (
     InferenceError,
     InvalidInput,
     ModelLoadError,

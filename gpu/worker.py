@@ -24,13 +24,19 @@ import torch
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from gpu import protocol
-from gpu.batching import Batcher, Forward
-from gpu.memory import MemoryProbe, probe_for
-from gpu.protocol import READY_LINE
-from gpu.repository import ModelRepository
-from gpu.runtime import LoadedModel, ModelRuntime
-from placement.errors import InvalidInput, ModelNotFound, ModelNotReady, ModelpoolError, Unavailable
+from modelpool.gpu import protocol
+from modelpool.gpu.batching import Batcher, Forward
+from modelpool.gpu.memory import MemoryProbe, probe_for
+from modelpool.gpu.protocol import READY_LINE
+from modelpool.gpu.repository import ModelRepository
+from modelpool.gpu.runtime import LoadedModel, ModelRuntime
+from modelpool.placement.errors import (
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    ModelpoolError,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 

@@ -5,13 +5,13 @@
 
 From Python (other benchmarks)::
 
-    from loadtests import LoadOptions, run_load
+    from modelpool.loadtests import LoadOptions, run_load
     report = await run_load(LoadOptions(url="127.0.0.1:8001", protocol="grpc", duration=10))
     print(report.to_json())
 """
 
-from loadtests.options import LoadOptions
-from loadtests.report import Report
-from loadtests.runner import run_load
+from modelpool.loadtests.options import LoadOptions
+from modelpool.loadtests.report import Report
+from modelpool.loadtests.runner import run_load
 
 __all__ = ["LoadOptions", "Report", "run_load"]

@@ -11,10 +11,17 @@ import signal
 import sys
 from pathlib import Path
 
-from loadtests.client import RequestFailed
-from loadtests.options import ARRIVALS, PROTOCOLS, LoadOptions, load_scenario, merge, parse_models
-from loadtests.report import Report
-from loadtests.runner import run_load, stderr_progress
+from modelpool.loadtests.client import RequestFailed
+from modelpool.loadtests.options import (
+    ARRIVALS,
+    PROTOCOLS,
+    LoadOptions,
+    load_scenario,
+    merge,
+    parse_models,
+)
+from modelpool.loadtests.report import Report
+from modelpool.loadtests.runner import run_load, stderr_progress
 
 log = logging.getLogger("loadtests")
 
@@ -54,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser(
         "compare", help="modelpool against its peers: DIR/compare.json, .md and .png"
     )
-    from loadtests.compare import add_arguments as add_compare_arguments
+    from modelpool.loadtests.compare import add_arguments as add_compare_arguments
 
     add_compare_arguments(compare)
     return parser
@@ -85,7 +92,7 @@ def write_outputs(report: Report, out: Path, plots: bool) -> Report:
     if not plots:
         return report
     try:
-        from loadtests.plots import write_plots
+        from modelpool.loadtests.plots import write_plots
     except ImportError as e:
         log.warning("no plots: %s (pip install modelpool[plots])", e)
         return report
@@ -103,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if args.command == "compare":
-        from loadtests.compare import main as compare_main
+        from modelpool.loadtests.compare import main as compare_main
 
         return compare_main(args)
     try:

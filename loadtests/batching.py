@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtests.closed_loop import drive
-from loadtests.servers import holder_address, serving
+from modelpool.loadtests.closed_loop import drive
+from modelpool.loadtests.servers import holder_address, serving
 
 
 async def closed_loop(url: str, model: str, width: int, total: int, concurrency: int) -> float:
@@ -39,7 +39,7 @@ async def closed_loop(url: str, model: str, width: int, total: int, concurrency:
 
 
 async def worker_counts(http_url: str) -> dict[str, tuple[int, int]]:
-    from gateway.workers import WorkerClient
+    from modelpool.gateway.workers import WorkerClient
 
     client = WorkerClient("w", await asyncio.to_thread(holder_address, http_url))
     try:
@@ -50,7 +50,7 @@ async def worker_counts(http_url: str) -> dict[str, tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gpu.examples import Example, write_model
+    from modelpool.gpu.examples import Example, write_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-size-mb", type=int, default=32)

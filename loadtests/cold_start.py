@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtests.servers import serving
+from modelpool.loadtests.servers import serving
 
 BARE = r"""
 import sys, time, torch
@@ -57,7 +57,7 @@ def bare_seconds(path: Path, device: str, width: int, threads: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     import tritonclient.grpc as tgrpc
 
-    from gpu.examples import Example, write_model
+    from modelpool.gpu.examples import Example, write_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="8,64,256", help="model sizes in MB")

@@ -29,14 +29,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from loadtests.client import Adapter, RequestFailed, connect
-from loadtests.options import LoadOptions, load_scenario, merge
-from loadtests.peers import installed
-from loadtests.peers.budget import BudgetMapping, map_budget
-from loadtests.peers.counters import read_counter, settled_counter
-from loadtests.peers.http_adapter import V2JsonAdapter
-from loadtests.peers.signatures import Signature, read_signatures
-from loadtests.peers.systems import (
+from modelpool.loadtests.client import Adapter, RequestFailed, connect
+from modelpool.loadtests.options import LoadOptions, load_scenario, merge
+from modelpool.loadtests.peers import installed
+from modelpool.loadtests.peers.budget import BudgetMapping, map_budget
+from modelpool.loadtests.peers.counters import read_counter, settled_counter
+from modelpool.loadtests.peers.http_adapter import V2JsonAdapter
+from modelpool.loadtests.peers.signatures import Signature, read_signatures
+from modelpool.loadtests.peers.systems import (
     LOAD_COUNTERS,
     MODEL_HEADERS,
     PROTOCOLS,
@@ -45,10 +45,10 @@ from loadtests.peers.systems import (
     Started,
     start,
 )
-from loadtests.peers.table import Row, to_json, to_markdown
-from loadtests.peers.timing import SlowCounter
-from loadtests.runner import run_load
-from placement.units import parse_size
+from modelpool.loadtests.peers.table import Row, to_json, to_markdown
+from modelpool.loadtests.peers.timing import SlowCounter
+from modelpool.loadtests.runner import run_load
+from modelpool.placement.units import parse_size
 
 log = logging.getLogger("loadtests.compare")
 
@@ -347,7 +347,7 @@ def write_outputs(rows: list[Row], setup: dict[str, Any], options: CompareOption
     (out / "compare.md").write_text(to_markdown(rows, options.slow_ms) + "\n")
     written = [out / "compare.json", out / "compare.md"]
     try:
-        from loadtests.peers.plot import write_plot
+        from modelpool.loadtests.peers.plot import write_plot
     except ImportError as e:
         log.warning("no compare.png: %s (pip install -e '.[plots]')", e)
         return written
@@ -371,7 +371,7 @@ def main(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(f"[compare {clock()}] {line}", file=sys.stderr, flush=True)
 
-    from gpu.examples import write_examples  # imports torch: only when comparing
+    from modelpool.gpu.examples import write_examples  # imports torch: only when comparing
 
     with tempfile.TemporaryDirectory(prefix="mp-compare-") as tmp:
         repo = Path(tmp) / "models"

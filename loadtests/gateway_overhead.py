@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtests.servers import holder_address, start_serve, stop
+from modelpool.loadtests.servers import holder_address, start_serve, stop
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="mp-overhead-"))
     repo = Path(args.model_repository) if args.model_repository else work / "models"
     if args.model_repository is None:
-        from gpu.examples import write_examples
+        from modelpool.gpu.examples import write_examples
 
         write_examples(repo, count=8)
     server = start_serve(repo, args.serve_arg, work / "serve.log")

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 
-from loadtests.report import Report
+from modelpool.loadtests.report import Report
 
 PLOTS = ("latency_over_time.png", "latency_by_rank.png", "throughput.png", "residency.png")
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtests.closed_loop import drive
-from loadtests.servers import redis_server, serving
+from modelpool.loadtests.closed_loop import drive
+from modelpool.loadtests.servers import redis_server, serving
 
 
 def command_calls(url: str) -> dict[str, int]:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="mp-redis-"))
-    from gpu.examples import write_examples
+    from modelpool.gpu.examples import write_examples
 
     repo = work / "models"
     write_examples(repo, count=8)

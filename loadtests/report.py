@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtests.options import LoadOptions
-from loadtests.probe import MetricsSample
+from modelpool.loadtests.options import LoadOptions
+from modelpool.loadtests.probe import MetricsSample
 
 #: Error kind of an arrival dropped because max_outstanding requests were in flight.
 DROPPED = "dropped"

@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from loadtests.client import Adapter, RequestFailed, connect
-from loadtests.options import LoadOptions
-from loadtests.probe import MetricsProbe
-from loadtests.report import (
+from modelpool.loadtests.client import Adapter, RequestFailed, connect
+from modelpool.loadtests.options import LoadOptions
+from modelpool.loadtests.probe import MetricsProbe
+from modelpool.loadtests.report import (
     DROPPED,
     UNFINISHED,
     Outcome,
@@ -29,7 +29,7 @@ from loadtests.report import (
     SeriesPoint,
     build_report,
 )
-from loadtests.workload import Arrival, arrivals, plan_workload
+from modelpool.loadtests.workload import Arrival, arrivals, plan_workload
 
 log = logging.getLogger(__name__)
 

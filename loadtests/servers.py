@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.server import READY_RE
+from modelpool.gateway.server import READY_RE
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Serve:
 
 def start_serve(repo: Path, extra: list[str], log_path: Path, timeout_s: float = 120.0) -> Serve:
     cmd = [
-        sys.executable, "-m", "gateway.cli", "serve", "--model-repository", str(repo),
+        sys.executable, "-m", "modelpool.gateway.cli", "serve", "--model-repository", str(repo),
         "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *extra,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from placement.cluster import ClusterView, CopyView, DeviceView, ModelInfo
-from placement.policy import (
+from modelpool.placement.cluster import ClusterView, CopyView, DeviceView, ModelInfo
+from modelpool.placement.policy import (
     Load,
     PlacementRequest,
     Plan,

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Protocol
 
-from placement.cluster import ClusterView, CopyView, ModelInfo
-from placement.gdsf import gdsf_value, plan_gdsf
-from placement.policy import Load, PlacementRequest, Plan, plan_lru
+from modelpool.placement.cluster import ClusterView, CopyView, ModelInfo
+from modelpool.placement.gdsf import gdsf_value, plan_gdsf
+from modelpool.placement.policy import Load, PlacementRequest, Plan, plan_lru
 
 
 class PolicyName(StrEnum):

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from placement.cluster import ClusterView, CopyState, CopyView, DeviceView
+from modelpool.placement.cluster import ClusterView, CopyState, CopyView, DeviceView
 
 
 @dataclass(frozen=True)

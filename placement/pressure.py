@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from placement.cluster import ClusterView, CopyView, DeviceView
-from placement.policy import PlacementRequest, evictable
+from modelpool.placement.cluster import ClusterView, CopyView, DeviceView
+from modelpool.placement.policy import PlacementRequest, evictable
 
 
 @dataclass(frozen=True)

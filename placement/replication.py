@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from placement.cluster import ClusterView, CopyState, CopyView
-from placement.policy import PlacementRequest, evictable
+from modelpool.placement.cluster import ClusterView, CopyState, CopyView
+from modelpool.placement.policy import PlacementRequest, evictable
 
 
 @dataclass(frozen=True)

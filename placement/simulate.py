@@ -25,9 +25,16 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
-from placement.cluster import ClusterView, CopyState, CopyView, DeviceView, ModelInfo, WorkerView
-from placement.gdsf import plan_by_value
-from placement.policies import (
+from modelpool.placement.cluster import (
+    ClusterView,
+    CopyState,
+    CopyView,
+    DeviceView,
+    ModelInfo,
+    WorkerView,
+)
+from modelpool.placement.gdsf import plan_by_value
+from modelpool.placement.policies import (
     POLICIES,
     Event,
     Evicted,
@@ -36,9 +43,9 @@ from placement.policies import (
     Requested,
     make_policy,
 )
-from placement.policy import Load, PlacementRequest, Plan, Reject, Route, Wait
-from placement.traces import TraceRow, parse_trace
-from placement.units import format_size, parse_size
+from modelpool.placement.policy import Load, PlacementRequest, Plan, Reject, Route, Wait
+from modelpool.placement.traces import TraceRow, parse_trace
+from modelpool.placement.units import format_size, parse_size
 
 OPT = "opt"
 VERSION = 1

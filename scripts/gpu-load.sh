@@ -11,15 +11,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONUNBUFFERED=1
-python3 -m gateway.cli examples --out /tmp/models64 --count 64 2>/dev/null | tail -1
+python3 -m modelpool.gateway.cli examples --out /tmp/models64 --count 64 2>/dev/null | tail -1
 for policy in lru gdsf; do
-  python3 -m gateway.cli serve --model-repository /tmp/models64 --devices cuda:0 \
+  python3 -m modelpool.gateway.cli serve --model-repository /tmp/models64 --devices cuda:0 \
     --device-memory-budget 512MiB --policy "$policy" --host 127.0.0.1 \
     --http-port 18000 --grpc-port 18001 --metrics-port 18002 > /tmp/serve-$policy.out 2> "$OUT/serve-$policy.log" &
   pid=$!
   for _ in $(seq 60); do grep -q "modelpool ready" /tmp/serve-$policy.out && break; sleep 1; done
   echo "== policy $policy"
-  timeout 90 python3 -m loadtests run --url 127.0.0.1:18001 --protocol grpc --metrics-url 127.0.0.1:18002 \
+  timeout 90 python3 -m modelpool.loadtests run --url 127.0.0.1:18001 --protocol grpc --metrics-url 127.0.0.1:18002 \
     --duration 30 --rate 200 --zipf 1.1 --quiet --out "$OUT/load-$policy" 2>&1 | head -18
   kill -INT $pid; wait $pid
 done

@@ -2,7 +2,7 @@
 # Installs modelpool with its test tools and the services the tests start
 # (redis-server, promtool) and the peer it is compared with (Ray Serve), then
 # runs lint, types and the test suite.
-# Extra arguments go to pytest, e.g. ./scripts/test.sh -m gpu
+# Extra arguments go to pytest, e.g. ./scripts/test.sh -m modelpool.gpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="[test,plots,peers]" source scripts/bootstrap.sh
@@ -10,6 +10,10 @@ scripts/install-services.sh
 echo "==> ruff"
 .venv/bin/ruff check .
 echo "==> mypy"
-.venv/bin/mypy gateway placement gpu cache loadtests
+# The folders install as modelpool.<folder> (setuptools package-dir); mypy reads them
+# under that name through a tree of links.
+mkdir -p build/typecheck/modelpool
+for p in gateway placement gpu cache loadtests; do ln -sfn "../../../$p" "build/typecheck/modelpool/$p"; done
+MYPYPATH=build/typecheck .venv/bin/mypy -p modelpool
 echo "==> pytest"
 exec .venv/bin/python -m pytest "$@"

@@ -13,7 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtests.servers import wait_for_line
+from modelpool.loadtests.servers import wait_for_line
 from tests.conftest import READY_RE, ROOT, Served
 
 WORKER_RE = re.compile(r"MODELPOOL_WORKER_READY address=(\S+) worker_id=(\S+)")
@@ -56,7 +56,7 @@ def start_worker(
     repo: Path, redis_url: str, log: Path, worker_id: str, budget: str = "256MB"
 ) -> WorkerProc:
     cmd = [
-        sys.executable, "-m", "gateway.cli", "worker", "--model-repository", str(repo),
+        sys.executable, "-m", "modelpool.gateway.cli", "worker", "--model-repository", str(repo),
         "--redis-url", redis_url, "--port", "0", "--worker-id", worker_id,
         "--device-memory-budget", budget, "--threads", "1", "--node", worker_id,
     ]  # fmt: skip
@@ -69,7 +69,7 @@ def start_worker(
 
 def start_gateway(repo: Path, redis_url: str, log: Path) -> Served:
     cmd = [
-        sys.executable, "-m", "gateway.cli", "gateway", "--model-repository", str(repo),
+        sys.executable, "-m", "modelpool.gateway.cli", "gateway", "--model-repository", str(repo),
         "--redis-url", redis_url, "--host", "127.0.0.1",
         "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
     ]  # fmt: skip

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.server import READY_RE
-from loadtests.servers import wait_for_line
+from modelpool.gateway.server import READY_RE
+from modelpool.loadtests.servers import wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +86,7 @@ def start_serve(repo: Path, log_path: Path, *args: str, timeout: float = 90.0) -
     if "--devices" not in args:
         env["MODELPOOL_FORCE_CPU"] = "1"
     cmd = [
-        sys.executable, "-m", "gateway.cli", "serve",
+        sys.executable, "-m", "modelpool.gateway.cli", "serve",
         "--model-repository", str(repo),
         "--host", "127.0.0.1",
         "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
@@ -119,7 +119,7 @@ def serve(tmp_path: Path) -> Iterator:
 @pytest.fixture(scope="session")
 def example_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded example repository, generated once per test session."""
-    from gpu.examples import write_examples
+    from modelpool.gpu.examples import write_examples
 
     out = tmp_path_factory.mktemp("examples")
     write_examples(out, count=8, seed=0)

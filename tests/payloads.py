@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpu.repository import ModelSpec, read_model
-from gpu.tensors import NUMPY_DTYPES
+from modelpool.gpu.repository import ModelSpec, read_model
+from modelpool.gpu.tensors import NUMPY_DTYPES
 
 
 def inputs_for(spec: ModelSpec, batch: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import tritonclient.grpc.aio as tgrpc_aio
 
-from gpu.batching import Batcher
+from modelpool.gpu.batching import Batcher
 from tests.modelgen import Crashy, write_model, write_sized
 
 
@@ -106,7 +106,7 @@ async def test_dynamic_batching_through_modelpool_serve(tmp_path: Path, serve) -
     assert [float(r[0, 0]) for r in (mixed[0], mixed[1], mixed[3])] == [2.0, 4.0, 6.0]
     # The worker's own counters: fewer forwards than requests.
     address = await asyncio.to_thread(_worker_address, server.http_url)
-    from gateway.workers import WorkerClient
+    from modelpool.gateway.workers import WorkerClient
 
     worker = WorkerClient("w", address)
     status = await worker.status(timeout_s=10)

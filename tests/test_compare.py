@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from loadtests.compare import CompareOptions
-from loadtests.peers import installed
-from loadtests.peers.budget import map_budget
-from loadtests.peers.processes import ServerProcess, naming
-from loadtests.peers.table import Row, ratios, to_doc, to_markdown
-from loadtests.peers.v2json import BodyError, decode_inputs, encode_request
+from modelpool.loadtests.compare import CompareOptions
+from modelpool.loadtests.peers import installed
+from modelpool.loadtests.peers.budget import map_budget
+from modelpool.loadtests.peers.processes import ServerProcess, naming
+from modelpool.loadtests.peers.table import Row, ratios, to_doc, to_markdown
+from modelpool.loadtests.peers.v2json import BodyError, decode_inputs, encode_request
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -190,7 +190,7 @@ def compared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     systems = "modelpool,ray" if RAY else "modelpool"
     before = _ray_daemons()
     cmd = [
-        sys.executable, "-m", "loadtests", "compare", "--scenario", str(scenario),
+        sys.executable, "-m", "modelpool.loadtests", "compare", "--scenario", str(scenario),
         "--out", str(out), "--models-count", "3", "--budget", "64MiB", "--systems", systems,
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)

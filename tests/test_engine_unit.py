@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from placement.cluster import ClusterView, CopyState, CopyView, DeviceView, ModelInfo, WorkerView
-from placement.policy import Load, PlacementRequest, Wait, plan_lru
-from placement.pressure import Watermarks, pressure_victims
-from placement.replication import Replicate, ReplicationConfig, Shrink, plan_replication
+from modelpool.placement.cluster import (
+    ClusterView,
+    CopyState,
+    CopyView,
+    DeviceView,
+    ModelInfo,
+    WorkerView,
+)
+from modelpool.placement.policy import Load, PlacementRequest, Wait, plan_lru
+from modelpool.placement.pressure import Watermarks, pressure_victims
+from modelpool.placement.replication import Replicate, ReplicationConfig, Shrink, plan_replication
 
 D = DeviceView("d0", total_bytes=1000)
 W0 = WorkerView("w0", "d0")
@@ -97,8 +104,8 @@ def test_no_replica_without_room_or_while_loading() -> None:
 
 
 def test_device_record_counts_foreign_memory_only_inside_our_share() -> None:
-    from gateway.housekeeping import device_record
-    from gpu.protocol import DeviceMemory
+    from modelpool.gateway.housekeeping import device_record
+    from modelpool.gpu.protocol import DeviceMemory
 
     GiB = 1 << 30
     # 80 GiB GPU, our copies 2 GiB, a foreign job 70 GiB (plus our 2): used 72 GiB.
@@ -123,7 +130,7 @@ def test_device_record_counts_foreign_memory_only_inside_our_share() -> None:
 
 
 def test_min_copies_are_not_evicted_and_not_shrunk() -> None:
-    from placement.policy import evictable
+    from modelpool.placement.policy import evictable
 
     workers = (W0, WorkerView("w1", "d1"))
     devices = (D, DeviceView("d1", 1000))

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu.examples import main, plan, write_examples
-from gpu.repository import ModelSpec, read_model
+from modelpool.gpu.examples import main, plan, write_examples
+from modelpool.gpu.repository import ModelSpec, read_model
 
 pytestmark = pytest.mark.filterwarnings(
     r"ignore:`torch\.jit\.load` is deprecated:DeprecationWarning"
@@ -153,7 +153,7 @@ def test_same_seed_is_byte_identical_across_processes_and_counts(
     cli = tmp_path / "cli"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     run = subprocess.run(
-        [sys.executable, "-m", "gpu.examples", "--out", str(cli), "--count", "4"],
+        [sys.executable, "-m", "modelpool.gpu.examples", "--out", str(cli), "--count", "4"],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

@@ -29,7 +29,7 @@ def _sized(repo: Path, name: str, nbytes: int) -> None:
 
 
 def test_nvml_agrees_with_torch_mem_get_info() -> None:
-    from gpu.memory import NvmlProbe
+    from modelpool.gpu.memory import NvmlProbe
 
     probe = NvmlProbe("cuda:0", 0)
     torch.cuda.init()
@@ -50,8 +50,8 @@ def test_nvml_agrees_with_torch_mem_get_info() -> None:
 
 
 def test_memory_returns_after_unload(tmp_path: Path) -> None:
-    from gpu.repository import ModelRepository
-    from gpu.runtime import ModelRuntime
+    from modelpool.gpu.repository import ModelRepository
+    from modelpool.gpu.runtime import ModelRuntime
 
     _sized(tmp_path, "big", 512 * MB)
     runtime = ModelRuntime(ModelRepository(tmp_path), "cuda:0")
@@ -132,8 +132,8 @@ def test_foreign_process_makes_modelpool_evict_under_its_high_mark(tmp_path: Pat
 def test_serve_on_gpu_matches_torch(tmp_path: Path, serve) -> None:
     import tritonclient.grpc as tgrpc
 
-    from gpu.examples import write_examples
-    from gpu.repository import read_model
+    from modelpool.gpu.examples import write_examples
+    from modelpool.gpu.repository import read_model
     from tests.payloads import inputs_for, torch_reference
 
     repo = tmp_path / "repo"

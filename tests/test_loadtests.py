@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from loadtests import LoadOptions, run_load
-from loadtests.client import (
+from modelpool.loadtests import LoadOptions, run_load
+from modelpool.loadtests.client import (
     IndexEntry,
     ModelInfo,
     RequestFailed,
@@ -26,10 +26,10 @@ from loadtests.client import (
     concrete_shape,
     random_inputs,
 )
-from loadtests.options import SCENARIO_DIR, default_metrics_url, load_scenario, merge
-from loadtests.plots import PLOTS
-from loadtests.report import DROPPED, latency_ms, percentile
-from loadtests.workload import arrival_times, arrivals, plan_workload, zipf_weights
+from modelpool.loadtests.options import SCENARIO_DIR, default_metrics_url, load_scenario, merge
+from modelpool.loadtests.plots import PLOTS
+from modelpool.loadtests.report import DROPPED, latency_ms, percentile
+from modelpool.loadtests.workload import arrival_times, arrivals, plan_workload, zipf_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = [f"m{i}" for i in range(8)]
@@ -254,7 +254,7 @@ def test_cli_run_against_the_server(
     url = served_examples.http_url if protocol == "http" else served_examples.grpc_url
     out = tmp_path / "out"
     cmd = [
-        sys.executable, "-m", "loadtests", "run", "--url", url, "--protocol", protocol,
+        sys.executable, "-m", "modelpool.loadtests", "run", "--url", url, "--protocol", protocol,
         "--metrics-url", f"127.0.0.1:{served_examples.metrics_port}",
         "--duration", "3", "--rate", "20", "--zipf", "1.1", "--out", str(out),
     ]  # fmt: skip

@@ -11,9 +11,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from placement.cluster import ClusterView, CopyState, CopyView, DeviceView, ModelInfo, WorkerView
-from placement.gdsf import gdsf_value, plan_by_value, plan_gdsf, reload_cost
-from placement.policies import (
+from modelpool.placement.cluster import (
+    ClusterView,
+    CopyState,
+    CopyView,
+    DeviceView,
+    ModelInfo,
+    WorkerView,
+)
+from modelpool.placement.gdsf import gdsf_value, plan_by_value, plan_gdsf, reload_cost
+from modelpool.placement.policies import (
     POLICIES,
     Evicted,
     GdsfPolicy,
@@ -23,7 +30,16 @@ from placement.policies import (
     Requested,
     make_policy,
 )
-from placement.policy import Load, PlacementRequest, Plan, Reject, Route, Wait, evictable, plan_lru
+from modelpool.placement.policy import (
+    Load,
+    PlacementRequest,
+    Plan,
+    Reject,
+    Route,
+    Wait,
+    evictable,
+    plan_lru,
+)
 
 PureDecision = Callable[[ClusterView, PlacementRequest], Plan]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gpu.repository import ModelRepository, check_model_name, read_model
-from placement.errors import InvalidInput, ModelNotFound, ModelNotReady
+from modelpool.gpu.repository import ModelRepository, check_model_name, read_model
+from modelpool.placement.errors import InvalidInput, ModelNotFound, ModelNotReady
 
 BASE = """name: "{name}"
 platform: "pytorch_libtorch"

@@ -15,7 +15,7 @@ import tritonclient.grpc.aio as tgrpc_aio
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from gpu.repository import read_model
+from modelpool.gpu.repository import read_model
 from tests.payloads import inputs_for, torch_reference
 
 
@@ -203,7 +203,7 @@ def test_modelpool_status_shows_resident_models(served_examples) -> None:
     client.infer("mlp_00_2mb", [x])
     url = f"http://{served_examples.http_url}"
     out = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "status", "--url", url],
+        [sys.executable, "-m", "modelpool.gateway.cli", "status", "--url", url],
         capture_output=True,
         text=True,
         timeout=30,
@@ -217,7 +217,7 @@ def test_modelpool_status_shows_resident_models(served_examples) -> None:
         line.startswith("WORKER") for line in lines
     )
     raw = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "status", "--url", url, "--json"],
+        [sys.executable, "-m", "modelpool.gateway.cli", "status", "--url", url, "--json"],
         capture_output=True,
         text=True,
         timeout=30,

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from placement.simulate import (
+from modelpool.placement.simulate import (
     OptPolicy,
     Stats,
     format_table,
@@ -24,7 +24,7 @@ from placement.simulate import (
     run,
     simulate,
 )
-from placement.traces import (
+from modelpool.placement.traces import (
     MAX_MODEL_BYTES,
     MIN_MODEL_BYTES,
     TraceKind,
@@ -33,7 +33,7 @@ from placement.traces import (
     generate,
     parse_trace,
 )
-from placement.units import format_size, parse_size
+from modelpool.placement.units import format_size, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -320,12 +320,12 @@ def test_cli_writes_the_documented_json(tmp_path: Path) -> None:
     trace = tmp_path / "trace.csv"
     out = tmp_path / "result.json"
     gen = [
-        sys.executable, "-m", "placement.traces", "--kind", "zipf", "--models", "30",
+        sys.executable, "-m", "modelpool.placement.traces", "--kind", "zipf", "--models", "30",
         "--requests", "500", "--seed", "1", "--out", str(trace),
     ]  # fmt: skip
     subprocess.run(gen, cwd=ROOT, check=True, capture_output=True, timeout=60)
     sim = [
-        sys.executable, "-m", "placement.simulate", "--trace", str(trace),
+        sys.executable, "-m", "modelpool.placement.simulate", "--trace", str(trace),
         "--capacity", "1.5GB", "--devices", "2", "--policies", "lru,gdsf,opt",
         "--json", str(out),
     ]  # fmt: skip
@@ -348,7 +348,7 @@ def test_cli_refuses_a_bad_capacity(tmp_path: Path) -> None:
     trace = tmp_path / "trace.csv"
     trace.write_text("t,model,bytes,load_s\n0,a,1,1\n")
     bad = [
-        sys.executable, "-m", "placement.simulate", "--trace", str(trace),
+        sys.executable, "-m", "modelpool.placement.simulate", "--trace", str(trace),
         "--capacity", "4 lightyears",
     ]  # fmt: skip
     done = subprocess.run(bad, cwd=ROOT, capture_output=True, text=True, timeout=60)

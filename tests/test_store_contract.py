@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cache.records import (
+from modelpool.cache.records import (
     CopyRemoved,
     CopyState,
     CopyUpserted,
@@ -20,9 +20,9 @@ from cache.records import (
     WorkerRecord,
     WorkerUp,
 )
-from cache.store import InMemoryStore, ResidencyStore
-from cache.view import ResidencyView
-from placement.errors import ResidencyStoreError, Unavailable
+from modelpool.cache.store import InMemoryStore, ResidencyStore
+from modelpool.cache.view import ResidencyView
+from modelpool.placement.errors import ResidencyStoreError, Unavailable
 
 W1 = WorkerRecord("w1", "127.0.0.1:1", "n/cpu", "n", 1)
 W2 = WorkerRecord("w2", "127.0.0.1:2", "n/cpu", "n", 2)
@@ -46,7 +46,7 @@ async def make_store(request, tmp_path: Path) -> AsyncIterator[Callable[[], Resi
 
         yield make
         return
-    from cache.redis_store import RedisStore
+    from modelpool.cache.redis_store import RedisStore
     from tests.redis_server import RedisServer, need_redis
 
     need_redis()
@@ -171,7 +171,7 @@ async def test_touch_updates_last_use(make_store) -> None:
 
 
 async def test_heartbeat_expiry_and_reannounce(redis_server) -> None:
-    from cache.redis_store import RedisStore
+    from modelpool.cache.redis_store import RedisStore
 
     store = RedisStore(redis_server.url, heartbeat_ttl_s=0.3)
     try:
@@ -188,7 +188,7 @@ async def test_heartbeat_expiry_and_reannounce(redis_server) -> None:
 
 
 async def test_stale_lock_holder_cannot_reserve(redis_server) -> None:
-    from cache.redis_store import RedisStore
+    from modelpool.cache.redis_store import RedisStore
 
     a = RedisStore(redis_server.url, lock_ttl_s=0.3)
     b = RedisStore(redis_server.url)
@@ -210,7 +210,7 @@ async def test_stale_lock_holder_cannot_reserve(redis_server) -> None:
 
 
 async def test_outage_raises_store_error_then_recovers(redis_server) -> None:
-    from cache.redis_store import RedisStore
+    from modelpool.cache.redis_store import RedisStore
 
     store = RedisStore(redis_server.url, op_timeout_s=0.5)
     try:
@@ -231,7 +231,7 @@ async def test_outage_raises_store_error_then_recovers(redis_server) -> None:
 async def test_redis_urls_with_password_db_and_tls(tmp_path: Path, kind: str) -> None:
     import shutil
 
-    from cache.redis_store import RedisStore
+    from modelpool.cache.redis_store import RedisStore
     from tests.redis_server import RedisServer, need_redis
 
     need_redis()

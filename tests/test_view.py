@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cache.records import (
+from modelpool.cache.records import (
     CopyRemoved,
     CopyState,
     CopyUpserted,
@@ -12,7 +12,7 @@ from cache.records import (
     WorkerRecord,
     WorkerUp,
 )
-from cache.view import ResidencyView
+from modelpool.cache.view import ResidencyView
 
 
 def _copy(model: str, worker: str, state: CopyState = CopyState.READY) -> CopyView:

@@ -13,9 +13,9 @@ from typing import Any
 
 import aiohttp
 
-from loadtests.client import IndexEntry, ModelInfo, RequestFailed, random_inputs
-from loadtests.peers.signatures import Signature
-from loadtests.peers.v2json import encode_request
+from modelpool.loadtests.client import IndexEntry, ModelInfo, RequestFailed, random_inputs
+from modelpool.loadtests.peers.signatures import Signature
+from modelpool.loadtests.peers.v2json import encode_request
 
 #: Characters of an error body kept in the failure's message.
 ERROR_BODY_CHARS = 200

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 
-from loadtests.peers.table import Row
+from modelpool.loadtests.peers.table import Row
 
 
 def _nan(v: float | None) -> float:

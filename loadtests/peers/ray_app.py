@@ -25,9 +25,9 @@ from ray.serve.deployment import Application
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from loadtests.peers.budget import BudgetMapping
-from loadtests.peers.signatures import Signature
-from loadtests.peers.v2json import BodyError, decode_inputs, encode_response
+from modelpool.loadtests.peers.budget import BudgetMapping
+from modelpool.loadtests.peers.signatures import Signature
+from modelpool.loadtests.peers.v2json import BodyError, decode_inputs, encode_response
 
 #: The header Ray Serve's HTTP proxy routes multiplexed requests by.
 MODEL_ID_HEADER = "serve_multiplexed_model_id"

@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from loadtests.peers.budget import map_budget
-    from loadtests.peers.ray_app import build_app
-    from loadtests.peers.signatures import read_signatures
+    from modelpool.loadtests.peers.budget import map_budget
+    from modelpool.loadtests.peers.ray_app import build_app
+    from modelpool.loadtests.peers.signatures import read_signatures
 
     signatures = read_signatures(args.model_repository)
     mapping = map_budget(

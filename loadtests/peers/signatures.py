@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpu.repository import ModelRepository
-from loadtests.client import ModelInfo, TensorSpec
+from modelpool.gpu.repository import ModelRepository
+from modelpool.loadtests.client import ModelInfo, TensorSpec
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.server import READY_RE as MODELPOOL_READY
-from loadtests.peers.processes import ServerProcess
+from modelpool.gateway.server import READY_RE as MODELPOOL_READY
+from modelpool.loadtests.peers.processes import ServerProcess
 
 SYSTEMS = ("modelpool", "ray")
 PROTOCOLS: dict[str, tuple[str, ...]] = {"modelpool": ("http", "grpc"), "ray": ("http",)}
@@ -77,7 +77,7 @@ def start_modelpool(
     repo: Path, budget_bytes: int, replicas: int, logs: Path, policy: str = "lru"
 ) -> Started:
     cmd = [
-        sys.executable, "-m", "gateway.cli", "serve", "--model-repository", str(repo),
+        sys.executable, "-m", "modelpool.gateway.cli", "serve", "--model-repository", str(repo),
         "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
         "--device-memory-budget", str(budget_bytes), "--workers", str(replicas),
         "--policy", policy,
@@ -102,7 +102,7 @@ def start_ray(repo: Path, budget_bytes: int, replicas: int, logs: Path) -> Start
     # to 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rp-", dir="/tmp")
     cmd = [
-        sys.executable, "-m", "loadtests.peers.ray_server", "--model-repository", str(repo),
+        sys.executable, "-m", "modelpool.loadtests.peers.ray_server", "--model-repository", str(repo),
         "--budget", str(budget_bytes), "--replicas", str(replicas),
         "--http-port", str(http_port), "--metrics-port", str(metrics_port),
         "--temp-dir", temp_dir,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from loadtests.client import Adapter, IndexEntry, ModelInfo
+from modelpool.loadtests.client import Adapter, IndexEntry, ModelInfo
 
 
 class SlowCounter:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from gpu.tensors import NUMPY_DTYPES
+from modelpool.gpu.tensors import NUMPY_DTYPES
 
 
 class BodyError(ValueError):
