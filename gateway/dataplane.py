@@ -148,13 +148,16 @@ class DataPlane:
         protocol: str,
         model: str | None = None,
         raw: bytes | None = None,
+        client_timeout_s: float | None = None,
     ) -> InferOutcome:
         """Validate, find or load a copy, forward. Counts the request exactly once.
 
         ``request`` may be a parser so that a body that does not parse is counted under
         its model like any other failed request; ``model`` names it then. ``raw`` is the
         request as it arrived (gRPC): forwarded as is when nothing in it needs
-        rewriting, and the reply is then returned raw too.
+        rewriting, and the reply is then returned raw too. ``client_timeout_s`` is the
+        time the client gave the request (gRPC deadline, REST header or parameter),
+        None when it set none; see ``gateway/deadlines.py``.
         """
         started = time.monotonic()
         label = self.model_label(model) if model is not None else UNKNOWN_MODEL

@@ -1,48 +1,34 @@
-"""Typed errors to HTTP status and gRPC code: the one table, used at the edge only."""
+"""Typed errors to HTTP status and gRPC code, at the client edge.
+
+The table itself is the ``http_status``/``grpc_code`` attributes of each class in
+``placement/errors.py``; the worker reads the same attributes, so there is one table.
+"""
 
 from __future__ import annotations
 
 import grpc
 
-from modelpool.placement.errors import (
-    DoesNotFit,
-    InferenceError,
-    InvalidInput,
-    ModelLoadError,
-    ModelNotFound,
-    ModelNotReady,
-    ModelpoolError,
-    PayloadTooLarge,
-    Unavailable,
-)
-
-#: Most specific class first; ``status_of`` walks the MRO so subclasses inherit.
-TABLE: dict[type[ModelpoolError], tuple[int, grpc.StatusCode]] = {
-    InvalidInput: (400, grpc.StatusCode.INVALID_ARGUMENT),
-    InferenceError: (400, grpc.StatusCode.INVALID_ARGUMENT),
-    ModelLoadError: (400, grpc.StatusCode.FAILED_PRECONDITION),
-    ModelNotReady: (400, grpc.StatusCode.UNAVAILABLE),
-    ModelNotFound: (404, grpc.StatusCode.NOT_FOUND),
-    PayloadTooLarge: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    DoesNotFit: (503, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    Unavailable: (503, grpc.StatusCode.UNAVAILABLE),
-}
+from modelpool.placement.errors import ModelpoolError, Unavailable
 
 
 def status_of(err: ModelpoolError) -> tuple[int, grpc.StatusCode]:
-    for cls in type(err).__mro__:
-        if cls in TABLE:
-            return TABLE[cls]
-    return 500, grpc.StatusCode.INTERNAL
+    """HTTP status and gRPC code of a typed error (500 / INTERNAL only for a bug)."""
+    return err.http_status, grpc_status(err)
+
+
+def grpc_status(err: ModelpoolError) -> grpc.StatusCode:
+    return grpc.StatusCode[err.grpc_code]
 
 
 def outcome_of(err: BaseException) -> str:
     """The ``outcome`` label of modelpool_requests_total for a failed request."""
     if not isinstance(err, ModelpoolError):
         return "error"
-    status, _ = status_of(err)
+    status = err.http_status
     if status == 503:
         return "unavailable"
+    if status == 504:
+        return "deadline"
     if status < 500:
         return "client_error"
     return "error"

@@ -30,32 +30,16 @@ from modelpool.gpu.memory import MemoryProbe, probe_for
 from modelpool.gpu.protocol import READY_LINE
 from modelpool.gpu.repository import ModelRepository
 from modelpool.gpu.runtime import LoadedModel, ModelRuntime
-from modelpool.placement.errors import (
-    InvalidInput,
-    ModelNotFound,
-    ModelNotReady,
-    ModelpoolError,
-    Unavailable,
-)
+from modelpool.placement.errors import ModelpoolError
 
 log = logging.getLogger(__name__)
 
 
-#: Which gRPC status each typed error travels as; the class name rides along in the
-#: trailing metadata so the gateway re-raises the exact type.
-GRPC_CODES: dict[type[ModelpoolError], grpc.StatusCode] = {
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    ModelNotReady: grpc.StatusCode.FAILED_PRECONDITION,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-}
-
-
 def grpc_code(err: ModelpoolError) -> grpc.StatusCode:
-    for cls in type(err).__mro__:
-        if cls in GRPC_CODES:
-            return GRPC_CODES[cls]
-    return grpc.StatusCode.INVALID_ARGUMENT
+    """The gRPC status a typed error travels as: the class's own, from the one table in
+    placement/errors.py. The class name rides along in the trailing metadata so the
+    gateway re-raises the exact type."""
+    return grpc.StatusCode[err.grpc_code]
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,21 @@
-"""The one error hierarchy of modelpool.
+"""The one error hierarchy of modelpool, and the one table of what each becomes.
 
-Every package raises these; ``gateway/errors.py`` maps each class to an HTTP status and
-a gRPC code in a single table at the edge. Foreign errors (redis, grpc, torch) are
-translated where they enter, never let through.
+Every package raises these. Each class states its HTTP status and its gRPC status code
+(by name, so this module stays free of grpc); ``gateway/errors.py`` renders them at the
+client edge and ``gpu/worker.py`` at the worker's, from these same attributes, so a
+worker and a gateway can never disagree about an error. Foreign errors (redis, grpc,
+torch) are translated where they enter, never let through.
 """
 
 from __future__ import annotations
 
 
 class ModelpoolError(Exception):
-    """Root of all modelpool errors. Unmapped subclasses become HTTP 500 (a bug)."""
+    """Root of all modelpool errors. A class that does not set its own status is a bug:
+    HTTP 500 / INTERNAL."""
+
+    http_status: int = 500
+    grpc_code: str = "INTERNAL"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -19,17 +25,30 @@ class ModelpoolError(Exception):
 class InvalidInput(ModelpoolError):
     """The request is malformed or does not match the model's inputs. HTTP 400."""
 
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
 
 class ModelNotFound(ModelpoolError):
     """No such model, or no such version, in the repository. HTTP 404."""
 
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+
 
 class ModelNotReady(ModelpoolError):
-    """The model exists but cannot serve (bad config, failed load). HTTP 400, as Triton."""
+    """The model exists but cannot serve (bad config, failed load, files gone). HTTP
+    400, as Triton answers for a model that is not ready; gRPC UNAVAILABLE."""
+
+    http_status = 400
+    grpc_code = "UNAVAILABLE"
 
 
 class PayloadTooLarge(ModelpoolError):
     """The request body is over the configured limit. HTTP 413."""
+
+    http_status = 413
+    grpc_code = "RESOURCE_EXHAUSTED"
 
 
 class Unavailable(ModelpoolError):
@@ -39,24 +58,45 @@ class Unavailable(ModelpoolError):
         retry_after_s: seconds a client should wait before retrying.
     """
 
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
 
+class DeadlineExceeded(ModelpoolError):
+    """The deadline the client set passed before the answer was ready. HTTP 504,
+    gRPC DEADLINE_EXCEEDED; no Retry-After: the client chose the time."""
+
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
 class DoesNotFit(ModelpoolError):
     """The model is larger than any device could ever hold. HTTP 503, no Retry-After:
-    waiting will not help."""
+    waiting will not help. gRPC RESOURCE_EXHAUSTED."""
+
+    http_status = 503
+    grpc_code = "RESOURCE_EXHAUSTED"
 
 
 class ModelLoadError(ModelpoolError):
-    """The model's artifact could not be loaded (corrupt file, OOM). HTTP 400 for the
-    request that triggered it; the model is marked failed with this reason."""
+    """The model's artifact could not be loaded (corrupt or missing file). HTTP 400 for
+    the request that triggered it, gRPC FAILED_PRECONDITION; the model is marked failed
+    with this reason until its file changes."""
+
+    http_status = 400
+    grpc_code = "FAILED_PRECONDITION"
 
 
 class InferenceError(ModelpoolError):
     """The model raised while computing. HTTP 400: the input drove it there, and the
     worker survives."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
 
 
 class OutOfMemory(Unavailable):
