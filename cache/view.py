@@ -1,14 +1,15 @@
-"""A gateway's local copy of residency, applied from store events.
+"""A gateway's local mirror of the residency store, applied from store events.
 
 Reads are plain dict lookups: the warm path (route a request to a READY copy) never
-waits on the store. Last use and in-flight counts are this gateway's own and are
-merged into the copies it hands to placement.
+waits on the store. The mirror holds exactly what the store holds and is written only
+by ``apply`` (store events); what is this gateway's own (in-flight counts, last use,
+claims, draining workers) belongs to ``gateway.copies.CopyManager``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
+from collections.abc import Iterable
 
 from modelpool.cache.records import (
     CopyKey,
@@ -34,8 +35,6 @@ class ResidencyView:
         #: Copy keys by (model, version): the warm path looks up one model's copies
         #: without scanning every copy of every model.
         self._by_model: defaultdict[tuple[str, int], set[CopyKey]] = defaultdict(set)
-        self.inflight: defaultdict[CopyKey, int] = defaultdict(int)
-        self.last_used: dict[CopyKey, float] = {}
 
     def put(self, copy: CopyView) -> None:
         """Record a copy (mutate the view only through ``put`` and ``drop``)."""
@@ -81,19 +80,16 @@ class ResidencyView:
             case Resynced(workers=workers, devices=devices, copies=copies):
                 self.reset(list(workers), list(devices), list(copies))
 
-    def merged(self, copy: CopyView) -> CopyView:
-        """The stored copy with this gateway's in-flight count and latest use."""
-        key = copy.key
-        last = max(copy.last_used, self.last_used.get(key, 0.0))
-        return dataclasses.replace(copy, inflight=self.inflight.get(key, 0), last_used=last)
+    def copies_of(self, model: str, version: int) -> Iterable[CopyView]:
+        """Every copy of one model version whose worker is alive, in any state."""
+        for k in self._by_model.get((model, version), ()):
+            c = self.copies[k]
+            if c.worker_id in self.workers:
+                yield c
 
     def ready_copies(self, model: str, version: int) -> list[CopyView]:
-        copies = (self.copies[k] for k in self._by_model.get((model, version), ()))
-        return [
-            self.merged(c)
-            for c in copies
-            if c.state == CopyState.READY and c.worker_id in self.workers
-        ]
+        return [c for c in self.copies_of(model, version) if c.state == CopyState.READY]
 
     def all_copies(self) -> list[CopyView]:
-        return [self.merged(c) for c in self.copies.values() if c.worker_id in self.workers]
+        """Every copy whose worker is alive."""
+        return [c for c in self.copies.values() if c.worker_id in self.workers]

@@ -48,6 +48,26 @@ def _add_gateway_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--load-timeout", type=float, default=300.0, help="seconds per model load")
     p.add_argument(
+        "--acquire-timeout",
+        type=float,
+        default=120.0,
+        help="longest a request waits for a copy (a load, or room) before a 503 with "
+        "Retry-After; a shorter client deadline wins (default 120)",
+    )
+    p.add_argument(
+        "--recycle-retained-size",
+        type=_size,
+        default=256 << 20,
+        help="an unload that leaves more than this in a worker's allocator gets the "
+        "worker restarted once drained (serve only; default 256MiB)",
+    )
+    p.add_argument(
+        "--recycle-interval",
+        type=float,
+        default=60.0,
+        help="least seconds between two worker recycles on one device (default 60)",
+    )
+    p.add_argument(
         "--min-residency", type=float, default=0.0, help="seconds before a new copy may be evicted"
     )
     p.add_argument("--log-level", default="INFO")
@@ -291,7 +311,8 @@ async def _serve(args: argparse.Namespace) -> int:
         gateway.clients,
         gateway.metrics,
     )
-    gateway.placer.on_memory_retained = supervisor.recycle
+    gateway.manager.recycler = supervisor.recycle
+    gateway.dataplane.expected_devices = frozenset(s.device_id for s in slots)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -330,6 +351,9 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         max_request_bytes=args.max_request_size,
         infer_timeout_s=args.infer_timeout,
         load_timeout_s=args.load_timeout,
+        acquire_timeout_s=args.acquire_timeout,
+        retained_limit_bytes=args.recycle_retained_size,
+        recycle_interval_s=args.recycle_interval,
         min_residency_s=args.min_residency,
         watermarks=Watermarks(high=args.high_watermark, low=args.low_watermark),
         poll_interval_s=args.housekeeping_interval,

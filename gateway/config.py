@@ -32,6 +32,11 @@ class GatewayConfig:
     #: How often device memory is read, pressure checked and replication planned.
     poll_interval_s: float = 1.0
     watermarks: Watermarks = field(default_factory=Watermarks)
+    #: An unload that leaves more than this in a worker's allocator gets the worker
+    #: recycled once drained (``modelpool serve`` only: it owns the processes).
+    retained_limit_bytes: int = 256 << 20
+    #: The least time between two recycles on one device.
+    recycle_interval_s: float = 60.0
     #: None turns replication off.
     replication: ReplicationConfig | None = field(default_factory=ReplicationConfig)
 

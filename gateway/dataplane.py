@@ -19,9 +19,10 @@ from tritonclient.grpc import service_pb2 as pb
 
 from modelpool.cache.records import CopyState
 from modelpool.cache.view import ResidencyView
+from modelpool.gateway.copies import CopyManager
+from modelpool.gateway.deadlines import Deadline
 from modelpool.gateway.errors import outcome_of
 from modelpool.gateway.metrics import UNKNOWN_MODEL, Metrics
-from modelpool.gateway.placer import Placer
 from modelpool.gateway.stats import Statistics
 from modelpool.gateway.validate import contents_to_raw, validate_request
 from modelpool.gpu.repository import ModelRepository, ModelSpec
@@ -79,16 +80,22 @@ class DataPlane:
         self,
         repository: ModelRepository,
         view: ResidencyView,
-        placer: Placer,
+        manager: CopyManager,
         metrics: Metrics,
         *,
         infer_timeout_s: float,
+        acquire_timeout_s: float,
+        expected_devices: frozenset[str] = frozenset(),
     ) -> None:
         self.repository = repository
         self.view = view
-        self.placer = placer
+        self.manager = manager
         self.metrics = metrics
         self.infer_timeout_s = infer_timeout_s
+        self.acquire_timeout_s = acquire_timeout_s
+        #: Devices this gateway runs workers on (``modelpool serve``): not ready while
+        #: any of them has none.
+        self.expected_devices = expected_devices
         self.ready = True
         self.statistics = Statistics()
 
@@ -97,7 +104,12 @@ class DataPlane:
         return True
 
     def server_ready(self) -> bool:
-        return self.ready and bool(self.view.workers)
+        return self.ready and bool(self.view.workers) and not self.devices_without_workers()
+
+    def devices_without_workers(self) -> list[str]:
+        """Expected devices with no live worker (one crashed and is restarting)."""
+        live = {w.device_id for w in self.view.workers.values()}
+        return sorted(d for d in self.expected_devices if d not in live)
 
     def server_metadata(self) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
@@ -136,7 +148,7 @@ class DataPlane:
         failed load of an unchanged artifact)."""
         try:
             _, v = self.spec(name, version)
-            self.placer.check_failed(name, v)
+            self.manager.check_failed(name, v)
         except ModelpoolError:
             return False
         return True
@@ -166,7 +178,10 @@ class DataPlane:
             parsed = request() if callable(request) else request
             if model is None:
                 label = self.model_label(parsed.model_name)
-            outcome = await self._infer(parsed, label, started, raw)
+            deadline = Deadline.from_client(client_timeout_s, self.acquire_timeout_s)
+            forward_s = client_timeout_s if client_timeout_s is not None else self.infer_timeout_s
+            forward = Deadline.after(forward_s, client_set=client_timeout_s is not None)
+            outcome = await self._infer(parsed, label, started, raw, deadline, forward)
         except BaseException as e:
             self.metrics.requests.labels(label, protocol, outcome_of(e)).inc()
             raise
@@ -177,11 +192,19 @@ class DataPlane:
         return outcome
 
     async def _infer(
-        self, request: pb.ModelInferRequest, label: str, started: float, raw: bytes | None
+        self,
+        request: pb.ModelInferRequest,
+        label: str,
+        started: float,
+        raw: bytes | None,
+        deadline: Deadline,
+        forward: Deadline,
     ) -> InferOutcome:
         spec, version = self.spec(request.model_name, request.model_version)
         try:
-            return await self._forward(spec, version, request, label, started, raw)
+            return await self._forward(
+                spec, version, request, label, started, raw, deadline, forward
+            )
         except ModelpoolError:
             self.statistics.record_failure(spec.name, version, time.monotonic() - started)
             raise
@@ -194,7 +217,12 @@ class DataPlane:
         label: str,
         started: float,
         raw: bytes | None,
+        deadline: Deadline,
+        forward: Deadline,
     ) -> InferOutcome:
+        """Find a copy within ``deadline`` (the earlier of the client's and the
+        server's wait bound), then forward within what is left of ``forward`` (the
+        client's deadline, or the server's infer timeout)."""
         if any(t.HasField("contents") for t in request.inputs):
             contents_to_raw(request)
             raw = None  # rewritten: the original bytes no longer say the same
@@ -208,25 +236,26 @@ class DataPlane:
         # One retry: a copy whose worker died between routing and forwarding is
         # dropped, and the request goes to (or loads) another.
         for attempt in (1, 2):
-            got = await self.placer.acquire(spec.name, version)
+            got = await self.manager.acquire(spec.name, version, deadline)
             cold = cold or got.cold
             if got.cold:
                 self.metrics.cold_starts.labels(label).inc()
             self.metrics.queue_wait.labels(label).observe(time.monotonic() - started)
             compute_started = time.monotonic()
             try:
+                if forward.expired():
+                    raise forward.error(f"model '{spec.name}'")
+                timeout_s = forward.remaining()
                 if raw is not None:
-                    reply = await got.client.infer_raw(
-                        spec.name, raw, timeout_s=self.infer_timeout_s
-                    )
+                    reply = await got.client.infer_raw(spec.name, raw, timeout_s=timeout_s)
                     outcome = InferOutcome(cold, raw=reply)
                 else:
-                    response = await got.client.infer(request, timeout_s=self.infer_timeout_s)
+                    response = await got.client.infer(request, timeout_s=timeout_s)
                     outcome = InferOutcome(cold, response=response)
             except (WorkerUnavailable, ModelNotReady) as e:
                 # The worker died, or another gateway evicted the copy after we
                 # routed to it: the request has not run, so it may go elsewhere.
-                await self.placer.copy_lost(got, worker_gone=isinstance(e, WorkerUnavailable))
+                await self.manager.copy_lost(got, worker_gone=isinstance(e, WorkerUnavailable))
                 if attempt == 2:
                     raise
                 log.warning(
@@ -237,7 +266,7 @@ class DataPlane:
                 )
                 continue
             finally:
-                self.placer.release(got)
+                self.manager.release(got)
             done = time.monotonic()
             self.metrics.compute_duration.labels(label).observe(done - compute_started)
             batch = (
@@ -270,7 +299,7 @@ class DataPlane:
     def status(self) -> dict[str, Any]:
         """The JSON behind ``GET /v2/modelpool/status`` and ``modelpool status``: workers,
         devices (bytes) and every copy this gateway knows of."""
-        copies = self.view.all_copies()
+        copies = self.manager.copies()
         return {
             "server": {
                 "name": SERVER_NAME,
@@ -278,9 +307,10 @@ class DataPlane:
                 "models": len(self.repository.names()),
             },
             "workers": [
-                dataclasses.asdict(w)
+                {**dataclasses.asdict(w), "draining": w.worker_id in self.manager.draining()}
                 for w in sorted(self.view.workers.values(), key=lambda w: w.worker_id)
             ],
+            "devices_without_workers": self.devices_without_workers(),
             "devices": [
                 dataclasses.asdict(d)
                 for d in sorted(self.view.devices.values(), key=lambda d: d.device_id)
@@ -303,6 +333,9 @@ class DataPlane:
     # -- repository extension ------------------------------------------------------------
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
         self.repository.refresh()
+        states_of: dict[tuple[str, int], set[CopyState]] = {}
+        for c in self.view.all_copies():
+            states_of.setdefault((c.model, c.version), set()).add(c.state)
         entries = []
         for spec in self.repository.specs():
             if spec.error is not None:
@@ -310,12 +343,8 @@ class DataPlane:
                     entries.append(IndexEntry(spec.name, "", "UNAVAILABLE", spec.error))
                 continue
             for v in spec.versions:
-                states = {
-                    c.state
-                    for c in self.view.all_copies()
-                    if c.model == spec.name and c.version == v
-                }
-                failure = self.placer.failures.get((spec.name, v))
+                states = states_of.get((spec.name, v), set())
+                failure = self.manager.failures.get((spec.name, v))
                 if CopyState.READY in states:
                     entries.append(IndexEntry(spec.name, str(v), "READY", ""))
                 elif ready_only:
@@ -337,17 +366,17 @@ class DataPlane:
         self.repository.refresh(name)
         spec = self.repository.get(name)
         if spec.error is not None:
-            from modelpool.placement.errors import ModelNotReady
-
             raise ModelNotReady(f"model '{name}' is not available: {spec.error}")
         for v in spec.versions:
-            self.placer.failures.pop((name, v), None)
-            got = await self.placer.acquire(name, v)
-            self.placer.release(got)
+            self.manager.failures.pop((name, v), None)
+            deadline = Deadline.after(self.acquire_timeout_s, client_set=False)
+            got = await self.manager.acquire(name, v, deadline)
+            self.manager.release(got)
 
     async def unload_model(self, name: str) -> None:
         if name not in self.repository.names():
             self.repository.get(name)  # raises ModelNotFound for unknown names
-        count = await self.placer.unload_model(name, timeout_s=self.infer_timeout_s)
+        deadline = Deadline.after(self.infer_timeout_s, client_set=False)
+        count = await self.manager.unload_model(name, deadline)
         if count == 0 and name not in self.repository.names():
             raise ModelNotFound(f"model '{name}' is not in the model repository")

@@ -3,28 +3,31 @@
 - reap workers whose heartbeats lapsed (shared stores);
 - read device memory from one worker per device and publish it;
 - evict down to the low watermark on devices above the high one (a foreign process
-  grew, or a model measured bigger than its estimate);
+  grew, or a model measured bigger than its estimate), in the policy's order;
+- unload copies of models whose files left the repository;
 - load models whose ``min_copies`` wants them resident, replicate hot models and
   shrink cooled ones;
 - write this gateway's last-use times to the store in one batch.
 
 Decisions come from placement/ (``pressure_victims``, ``plan_replication``); this
-module only gathers the inputs and carries the plans out.
+module only gathers the inputs and asks the copy manager to carry the plans out: it
+never writes residency state itself. Each step runs on its own, so one step's error
+(a worker that does not answer, a store outage, a bug) is logged and the others and
+the next tick still run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
-from modelpool.cache.records import CopyState, CopyView, DeviceRecord
+from modelpool.cache.records import CopyState, DeviceRecord
 from modelpool.cache.store import ResidencyStore
 from modelpool.cache.view import ResidencyView
-from modelpool.gateway.metrics import Metrics
-from modelpool.gateway.placer import Placer
-from modelpool.gateway.workers import WorkerClients
+from modelpool.gateway.copies import CopyManager, WorkerPool
+from modelpool.gateway.deadlines import Deadline
 from modelpool.gpu.protocol import DeviceMemory
 from modelpool.placement.errors import ModelpoolError
 from modelpool.placement.pressure import pressure_victims
@@ -61,17 +64,15 @@ class Housekeeper:
         self,
         store: ResidencyStore,
         view: ResidencyView,
-        clients: WorkerClients,
-        placer: Placer,
-        metrics: Metrics,
+        clients: WorkerPool,
+        manager: CopyManager,
         replication: ReplicationConfig | None,
         min_residency_s: float,
     ) -> None:
         self.store = store
         self.view = view
         self.clients = clients
-        self.placer = placer
-        self.metrics = metrics
+        self.manager = manager
         self.replication = replication
         self.min_residency_s = min_residency_s
         self.rates: dict[tuple[str, int], float] = {}
@@ -81,16 +82,38 @@ class Housekeeper:
         self._preloading: set[tuple[str, int]] = set()
 
     async def tick(self) -> None:
-        await self.store.reap_expired()
-        await self.refresh_devices()
-        await self.relieve_pressure()
-        self._update_rates()
-        if self.view.workers:
-            self.preload()
-        if self.replication is not None:
-            await self.replicate(self.replication)
-        if self.view.last_used:
-            await self.store.touch(dict(self.view.last_used))
+        """One round of every step; a step that fails is logged and skipped."""
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("reap", self.store.reap_expired),
+            ("devices", self.refresh_devices),
+            ("pressure", self.relieve_pressure),
+            ("removed models", self.retire_removed),
+            ("rates", self._async(self._update_rates)),
+            ("preload", self._async(self.preload)),
+            ("replication", self.replicate),
+            ("last use", self._touch),
+        ]
+        for name, step in steps:
+            try:
+                await step()
+            except asyncio.CancelledError:
+                raise
+            except ModelpoolError as e:
+                log.warning("housekeeping step %s failed: %s", name, e)
+            except Exception:
+                log.exception("housekeeping step %s failed", name)
+
+    @staticmethod
+    def _async(fn: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            fn()
+
+        return run
+
+    async def _touch(self) -> None:
+        last_used = self.manager.last_used()
+        if last_used:
+            await self.store.touch(last_used)
 
     async def refresh_devices(self) -> None:
         seen: set[str] = set()
@@ -104,8 +127,7 @@ class Housekeeper:
             ours = sum(
                 c.footprint_bytes
                 for c in self.view.all_copies()
-                if c.worker_id in self.view.workers
-                and self.view.workers[c.worker_id].device_id == w.device_id
+                if self.view.workers[c.worker_id].device_id == w.device_id
                 and c.state != CopyState.LOADING
             )
             record = device_record(w.device_id, status.memory, ours)
@@ -114,11 +136,12 @@ class Housekeeper:
                 await self.store.put_device(record)
 
     async def relieve_pressure(self) -> None:
-        view = self.placer.cluster_view("", None, admission=False)
+        view = self.manager.cluster_view("", None, admission=False)
         now = time.time()
+        rank = self.manager.policy.eviction_rank(view, now)
         for device in view.devices:
             victims = pressure_victims(
-                view, device, self.placer.watermarks, now, self.min_residency_s
+                view, device, self.manager.config.watermarks, now, self.min_residency_s, rank
             )
             if not victims:
                 continue
@@ -127,16 +150,27 @@ class Housekeeper:
                 device.device_id, ", ".join(v.model for v in victims),
             )  # fmt: skip
             for victim in victims:
-                claimed = self.placer.claim_victims((victim,))
-                if claimed:
-                    with contextlib.suppress(ModelpoolError):
-                        await self.placer.evict(claimed[0], reason="pressure")
+                await self.manager.evict(victim, reason="pressure")
+
+    async def retire_removed(self) -> None:
+        """Unload idle copies of models that left the repository or whose files broke:
+        they can no longer serve, and their memory is better spent on others."""
+        for copy in self.view.all_copies():
+            if copy.state != CopyState.READY:
+                continue
+            try:
+                spec = self.manager.repository.get(copy.model)
+                gone = spec.error is not None or copy.version not in spec.artifacts
+            except ModelpoolError:
+                gone = True
+            if gone:
+                await self.manager.evict(copy, reason="removed")
 
     def _update_rates(self) -> None:
         now = time.monotonic()
         elapsed = max(1e-3, now - self._last_tick)
         self._last_tick = now
-        counts = self.placer.requests_by_model
+        counts = self.manager.requests_by_model
         for key, total in counts.items():
             fresh = (total - self._counted.get(key, 0)) / elapsed
             self._counted[key] = total
@@ -145,64 +179,52 @@ class Housekeeper:
     def preload(self) -> None:
         """Load models whose ``min_copies`` wants them resident and that have no copy
         yet (at start, or after a worker loss), through the normal cold path."""
+        if not self.view.workers:
+            return
         resident = {(c.model, c.version) for c in self.view.all_copies()}
-        for spec in self.placer.repository.specs():
-            if (
-                spec.error is None
-                and spec.min_copies > 0
-                and (spec.name, spec.latest) not in resident
-            ):
-                if (spec.name, spec.latest) not in self._preloading:
-                    self._preloading.add((spec.name, spec.latest))
-                    self._spawn(self._preload(spec.name, spec.latest))
+        for spec in self.manager.repository.specs():
+            key = (spec.name, spec.latest) if spec.error is None else None
+            if key is None or spec.min_copies <= 0 or key in resident:
+                continue
+            if key not in self._preloading:
+                self._preloading.add(key)
+                self._spawn(self._preload(*key))
 
     async def _preload(self, model: str, version: int) -> None:
         try:
-            got = await self.placer.acquire(model, version)
-            self.placer.release(got)
+            deadline = Deadline.after(self.manager.config.placement_timeout_s, client_set=False)
+            lease = await self.manager.acquire(model, version, deadline)
+            self.manager.release(lease)
         except ModelpoolError as e:
             log.info("preload of model=%s skipped for now: %s", model, e)
         finally:
             self._preloading.discard((model, version))
 
-    async def replicate(self, config: ReplicationConfig) -> None:
-        view = self.placer.cluster_view("", None)
-        for action in plan_replication(view, self.rates, config, time.time(), self.min_residency_s):
+    async def replicate(self) -> None:
+        if self.replication is None:
+            return
+        view = self.manager.cluster_view("", None)
+        actions = plan_replication(
+            view, self.rates, self.replication, time.time(), self.min_residency_s
+        )
+        for action in actions:
             match action:
                 case Replicate():
                     self._spawn(self._add_copy(action))
                 case Shrink(copy=copy):
-                    claimed = self.placer.claim_victims((copy,))
-                    if claimed:
-                        with contextlib.suppress(ModelpoolError):
-                            await self.placer.evict(claimed[0], reason="cooled")
+                    await self.manager.evict(copy, reason="cooled")
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.create_task(coro)
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _add_copy(self, action: Replicate) -> None:
-        """Load one more copy in the background, under the model's load lock so it
-        never races a cold load of the same model."""
-        worker = self.view.workers.get(action.worker_id)
-        if worker is None:
-            return
-        now = time.time()
-        reservation = CopyView(
-            action.model, action.version, action.worker_id, CopyState.LOADING,
-            action.reserve_bytes, last_used=now, loaded_at=now,
-        )  # fmt: skip
         try:
-            async with self.store.load_lock(action.model, action.version, timeout_s=1.0) as fence:
-                capacity = self.placer.admit_bytes(action.device_id)
-                if not await self.store.reserve(
-                    reservation, action.device_id, capacity, fence=fence
-                ):
-                    return
-                log.info("replicating hot model=%s to worker %s", action.model, action.worker_id)
-                await self.placer.load_reserved(reservation, worker.worker_id, worker.address)
-                self.metrics.replications.labels(action.model).inc()
+            await self.manager.replicate(
+                action.model, action.version, action.worker_id, action.device_id,
+                action.reserve_bytes,
+            )  # fmt: skip
         except ModelpoolError as e:
             log.info("replication of model=%s skipped: %s", action.model, e)
 

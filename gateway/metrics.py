@@ -79,8 +79,23 @@ class Metrics:
             "modelpool_model_evictions",
             "Copies this gateway unloaded, by reason: capacity (room for a load), pressure "
             "(device above its high watermark), cooled (an extra replica no longer needed), "
-            "unload (asked by a client), worker_lost (its worker died).",
+            "unload (asked by a client), worker_lost (its worker died), removed (its "
+            "files left the repository).",
             ["model", "reason"],
+            registry=registry,
+        )
+        self.recycles = Counter(
+            "modelpool_worker_recycles",
+            "Worker processes restarted by this gateway once drained, by reason: "
+            "retained_memory (an unload left more than the limit in the allocator).",
+            ["reason"],
+            registry=registry,
+        )
+        self.worker_restarts = Counter(
+            "modelpool_worker_restarts",
+            "Local worker processes started again after they exited or failed to start, "
+            "by device.",
+            ["device"],
             registry=registry,
         )
         self.cold_starts = Counter(

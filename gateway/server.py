@@ -1,5 +1,5 @@
-"""Wires one gateway: store, local view, placer, data plane, REST, gRPC, metrics, and
-the device-memory poller. Everything is built here and passed down; nothing is global."""
+"""Wires one gateway: store, local view, copy manager, data plane, REST, gRPC, metrics,
+and the housekeeper. Everything is built here and passed down; nothing is global."""
 
 from __future__ import annotations
 
@@ -18,15 +18,14 @@ from modelpool.cache.records import CopyState
 from modelpool.cache.store import ResidencyStore
 from modelpool.cache.view import ResidencyView
 from modelpool.gateway.config import GatewayConfig
+from modelpool.gateway.copies import CopyManager, ManagerConfig
 from modelpool.gateway.dataplane import DataPlane
 from modelpool.gateway.grpc_server import create_grpc_server
 from modelpool.gateway.housekeeping import Housekeeper
 from modelpool.gateway.metrics import Metrics
-from modelpool.gateway.placer import Placer
 from modelpool.gateway.rest import create_rest_app
 from modelpool.gateway.workers import WorkerClients
 from modelpool.gpu.repository import ModelRepository
-from modelpool.placement.errors import ModelpoolError
 from modelpool.placement.policies import make_policy
 
 log = logging.getLogger(__name__)
@@ -49,37 +48,44 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.repository = ModelRepository(self.config.model_repository)
+        # The manager subscribes the view to the store: it owns what follows from events.
         self.view = ResidencyView()
-        self.store.subscribe(self.view.apply)
         self.clients = WorkerClients(max_message_bytes=max(self.config.max_request_bytes, 1 << 30))
         self.metrics = Metrics(self.registry)
-        self.placer = Placer(
+        cfg = self.config
+        self.manager = CopyManager(
             self.repository,
             self.store,
             self.view,
             self.clients,
             self.metrics,
-            load_timeout_s=self.config.load_timeout_s,
-            acquire_timeout_s=self.config.acquire_timeout_s,
-            min_residency_s=self.config.min_residency_s,
-            watermarks=self.config.watermarks,
-            policy=make_policy(self.config.policy),
+            ManagerConfig(
+                load_timeout_s=cfg.load_timeout_s,
+                unload_timeout_s=min(cfg.load_timeout_s, 60.0),
+                placement_timeout_s=cfg.acquire_timeout_s,
+                min_residency_s=cfg.min_residency_s,
+                watermarks=cfg.watermarks,
+                retained_limit_bytes=cfg.retained_limit_bytes,
+                recycle_interval_s=cfg.recycle_interval_s,
+                drain_timeout_s=cfg.infer_timeout_s,
+            ),
+            policy=make_policy(cfg.policy),
         )
         self.housekeeper = Housekeeper(
             self.store,
             self.view,
             self.clients,
-            self.placer,
-            self.metrics,
-            replication=self.config.replication,
-            min_residency_s=self.config.min_residency_s,
+            self.manager,
+            replication=cfg.replication,
+            min_residency_s=cfg.min_residency_s,
         )
         self.dataplane = DataPlane(
             self.repository,
             self.view,
-            self.placer,
+            self.manager,
             self.metrics,
-            infer_timeout_s=self.config.infer_timeout_s,
+            infer_timeout_s=cfg.infer_timeout_s,
+            acquire_timeout_s=cfg.acquire_timeout_s,
         )
         self.ports = BoundPorts()
         self._runners: list[web.AppRunner] = []
@@ -121,7 +127,7 @@ class Gateway:
         )
 
     def refresh_gauges(self) -> None:
-        copies = self.view.all_copies()
+        copies = self.manager.copies()
         self.metrics.resident_models.set(sum(1 for c in copies if c.state == CopyState.READY))
         self.metrics.workers.set(len(self.view.workers))
         for d in self.view.devices.values():
@@ -145,11 +151,13 @@ class Gateway:
                 self.metrics.device_memory.labels(d.device_id, kind).set(value)
 
     async def _poll_devices(self) -> None:
+        # tick() contains each step's errors; this guard keeps the loop alive even
+        # through a bug in tick itself.
         while True:
             try:
                 await self.housekeeper.tick()
-            except ModelpoolError as e:
-                log.warning("housekeeping failed: %s", e)
+            except Exception:
+                log.exception("housekeeping failed")
             await asyncio.sleep(self.config.poll_interval_s)
 
     async def poll_once(self) -> None:
@@ -161,6 +169,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         await self.housekeeper.close()
+        await self.manager.close()
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         for runner in reversed(self._runners):

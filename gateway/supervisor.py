@@ -1,9 +1,12 @@
 """Starts and restarts local worker processes for ``modelpool serve``.
 
 Each slot is one worker process with a stable id. When a worker dies its copies leave
-the store at once (so requests load them elsewhere) and the slot starts a new process
-after a short backoff. Stopping sends SIGTERM, then SIGKILL to any worker that has not
-exited in ``kill_after_s``: a hung worker never keeps ``modelpool serve`` alive.
+the store at once (so requests load them elsewhere) and the slot starts a new process.
+A slot never gives up: failed starts back off exponentially up to
+``max_restart_backoff_s`` and go on trying for as long as the gateway runs (readiness
+reports a device with no worker meanwhile). Stopping sends SIGTERM, then SIGKILL to
+any worker that has not exited in ``kill_after_s``: a hung worker never keeps
+``modelpool serve`` alive.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class SupervisorConfig:
     start_timeout_s: float = 60.0
     kill_after_s: float = 5.0
     restart_backoff_s: float = 0.5
+    max_restart_backoff_s: float = 30.0
+    #: A worker that ran this long before exiting restarts at the base backoff again.
+    healthy_after_s: float = 60.0
     log_level: str = "INFO"
     max_message_bytes: int = 1 << 30
     #: Workers heartbeat into this shared store too, so other gateways see them.
@@ -120,13 +126,16 @@ class LocalWorkers:
 
     async def _spawn(self, slot: WorkerSlot) -> tuple[asyncio.subprocess.Process, str]:
         proc = await asyncio.create_subprocess_exec(
-            *self._command(slot), stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
+            *self._command(slot),
+            stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
+            limit=LINE_LIMIT,
         )
         self.procs[slot.worker_id] = proc
         assert proc.stdout is not None
         async with asyncio.timeout(self.config.start_timeout_s):
             while True:
-                line = await proc.stdout.readline()
+                line = await read_line(proc.stdout)
                 if not line:
                     raise RuntimeError(
                         f"worker {slot.worker_id} exited before it was ready (code {await proc.wait()})"
@@ -139,46 +148,75 @@ class LocalWorkers:
 
     async def _drain(self, slot: WorkerSlot, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
-        while line := await proc.stdout.readline():
+        while line := await read_line(proc.stdout):
             log.info("[%s] %s", slot.worker_id, line.decode(errors="replace").rstrip())
 
     async def _run_slot(self, slot: WorkerSlot) -> None:
+        """Keep one worker running until stop(), whatever happens to it."""
+        backoff = self.config.restart_backoff_s
         while not self._stopping:
+            started = asyncio.get_running_loop().time()
             try:
-                proc, address = await self._spawn(slot)
-            except (RuntimeError, TimeoutError, OSError) as e:
-                log.error("worker %s failed to start: %s", slot.worker_id, e)
-                await self._kill(slot.worker_id)
-                await asyncio.sleep(self.config.restart_backoff_s * 4)
-                continue
-            await self.store.register_worker(
-                WorkerRecord(
-                    slot.worker_id, address, slot.device_id, self.config.node, proc.pid or 0
+                await self._run_once(slot)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a failed start, a store error: never fatal
+                log.error(
+                    "worker %s failed: %s; retrying in %.1fs", slot.worker_id, e, backoff
                 )
-            )
-            self._ready[slot.worker_id].set()
-            log.info("worker %s ready at %s pid=%s", slot.worker_id, address, proc.pid)
-            drain = asyncio.create_task(self._drain(slot, proc))
-            code = await proc.wait()
-            drain.cancel()
+                with contextlib.suppress(Exception):
+                    await self._kill(slot.worker_id)
+                    await self.worker_lost(slot.worker_id)
             if self._stopping:
                 return
-            log.error(
-                "worker %s (pid %s) exited with code %s; restarting", slot.worker_id, proc.pid, code
-            )
-            await self.worker_lost(slot.worker_id)
             self.restarts[slot.worker_id] += 1
-            await asyncio.sleep(self.config.restart_backoff_s)
+            self.metrics.worker_restarts.labels(slot.device_id).inc()
+            if asyncio.get_running_loop().time() - started >= self.config.healthy_after_s:
+                backoff = self.config.restart_backoff_s
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.config.max_restart_backoff_s)
 
-    def recycle(self, worker_id: str) -> None:
-        """Restart a worker whose device memory did not come back after unloads (the
-        CUDA caching allocator can keep it); its copies are dropped and reload on
-        demand elsewhere or on the fresh process."""
+    async def _run_once(self, slot: WorkerSlot) -> None:
+        """Start a worker, register it, and wait for it to exit."""
+        ready = self._ready[slot.worker_id]
+        ready.clear()
+        proc, address = await self._spawn(slot)
+        await self.store.register_worker(
+            WorkerRecord(slot.worker_id, address, slot.device_id, self.config.node, proc.pid or 0)
+        )
+        ready.set()
+        log.info("worker %s ready at %s pid=%s", slot.worker_id, address, proc.pid)
+        drain = asyncio.create_task(self._drain(slot, proc))
+        try:
+            code = await proc.wait()
+        finally:
+            drain.cancel()
+        if self._stopping:
+            return
+        ready.clear()
+        log.warning(
+            "worker %s (pid %s) exited with code %s; restarting", slot.worker_id, proc.pid, code
+        )
+        await self.worker_lost(slot.worker_id)
+
+    async def recycle(self, worker_id: str) -> None:
+        """Restart a drained worker to give its device memory back (the CUDA caching
+        allocator can keep what unloads freed); returns once the new process is
+        registered. The copy manager drains it first, so no request is in flight."""
         proc = self.procs.get(worker_id)
-        if proc is not None and proc.returncode is None:
-            log.warning("recycling worker %s to return its device memory", worker_id)
+        ready = self._ready.get(worker_id)
+        if proc is None or ready is None or proc.returncode is not None:
+            return
+        ready.clear()
+        log.warning("recycling worker %s to return its device memory", worker_id)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), self.config.kill_after_s)
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+                proc.kill()
+        await asyncio.wait_for(ready.wait(), self.config.start_timeout_s * 2)
 
     async def worker_lost(self, worker_id: str) -> None:
         dropped = await self.store.remove_worker(worker_id)
@@ -209,6 +247,19 @@ class LocalWorkers:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+#: Longest line read from a worker's stdout in one piece; longer ones (a huge traceback)
+#: are read in parts rather than killing the reader.
+LINE_LIMIT = 1 << 20
+
+
+async def read_line(stream: asyncio.StreamReader) -> bytes:
+    """One line, or a LINE_LIMIT-sized part of an overlong one; b"" at the end."""
+    try:
+        return await stream.readline()
+    except ValueError:  # asyncio's LimitOverrunError surfaces from readline as ValueError
+        return await stream.read(LINE_LIMIT)
 
 
 def local_slots(node: str, devices: list[str], per_device: int) -> list[WorkerSlot]:

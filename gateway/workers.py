@@ -19,23 +19,28 @@ from modelpool.gpu import protocol
 
 log = logging.getLogger(__name__)
 
+#: Codes that mean the connection, not the call, failed. UNKNOWN is not one of them:
+#: it is an unexpected exception inside a live worker, a bug to report as such, not a
+#: reason to believe the worker gone.
 _CONNECTION_CODES = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.UNKNOWN,
 }
 
 
-def translate(err: grpc.aio.AioRpcError, worker_id: str, what: str) -> errors.ModelpoolError:
-    """The typed error a worker's gRPC status stands for."""
+def translate(
+    err: grpc.aio.AioRpcError, worker_id: str, what: str, timeout_s: float | None = None
+) -> errors.ModelpoolError:
+    """The typed error a worker's gRPC status stands for. A call that ran out of its
+    ``timeout_s`` is a DeadlineExceeded: the caller chose that time (the request's own
+    deadline, or the server's bound for the step)."""
     name = dict(err.trailing_metadata() or ()).get(protocol.ERROR_CLASS_KEY)
     cls = getattr(errors, str(name), None) if name else None
     if isinstance(cls, type) and issubclass(cls, errors.ModelpoolError):
         return cls(err.details() or what)
     if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return errors.Unavailable(
-            f"{what}: worker {worker_id} did not answer in time", retry_after_s=1.0
-        )
+        within = f" within {timeout_s:.3g}s" if timeout_s is not None else ""
+        return errors.DeadlineExceeded(f"{what}: worker {worker_id} did not answer{within}")
     if err.code() in _CONNECTION_CODES:
         return errors.WorkerUnavailable(
             f"{what}: worker {worker_id} is unreachable ({err.code().name})"
@@ -84,7 +89,7 @@ class WorkerClient:
         try:
             return await method(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as e:
-            raise translate(e, self.worker_id, what) from None
+            raise translate(e, self.worker_id, what, timeout_s) from None
 
     async def infer(self, request: pb.ModelInferRequest, timeout_s: float) -> pb.ModelInferResponse:
         return await self._call(

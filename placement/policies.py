@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from modelpool.placement.cluster import ClusterView, CopyView, ModelInfo
 from modelpool.placement.gdsf import gdsf_value, plan_gdsf
@@ -79,6 +79,11 @@ class PolicyState(Protocol):
         """Record what happened, in the order it happened."""
         ...
 
+    def eviction_rank(self, view: ClusterView, now: float) -> Callable[[CopyView], Any]:
+        """The order this policy evicts in, lowest first: what memory pressure uses
+        too, so ``--policy`` decides every eviction, not only those of a cold load."""
+        ...
+
 
 class LruPolicy:
     """``plan_lru`` as it is: its only state, each copy's last use, is in the view."""
@@ -90,6 +95,9 @@ class LruPolicy:
 
     def observe(self, event: Event) -> None:
         return None
+
+    def eviction_rank(self, view: ClusterView, now: float) -> Callable[[CopyView], Any]:
+        return lambda c: c.last_used
 
 
 @dataclass
@@ -156,6 +164,14 @@ class GdsfPolicy:
         # plan_gdsf differs from plan_lru only in its victims, so the state is written
         # into the view only when there are some: hits stay cheap.
         return plan
+
+    def eviction_rank(self, view: ClusterView, now: float) -> Callable[[CopyView], Any]:
+        fed = self.feed(view, now)
+        # last_used breaks ties, as in plan_gdsf's victims.
+        return lambda c: (
+            gdsf_value(c, fed.models.get(c.model), self.miss_penalty_s),
+            c.last_used,
+        )
 
     def feed(self, view: ClusterView, now: float) -> ClusterView:
         """``view`` with this policy's frequencies and clock floors, at ``now``, written

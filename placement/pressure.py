@@ -8,7 +8,9 @@ mark; the gap between the marks keeps it from evicting on every small wobble.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from modelpool.placement.cluster import ClusterView, CopyView, DeviceView
 from modelpool.placement.policy import PlacementRequest, evictable
@@ -43,10 +45,12 @@ def pressure_victims(
     marks: Watermarks,
     now: float,
     min_residency_s: float = 0.0,
+    rank: Callable[[CopyView], Any] | None = None,
 ) -> tuple[CopyView, ...]:
-    """Copies to evict, oldest use first, to bring a device above its high mark down
-    to its low mark; as many as can go if the idle ones are not enough. Empty when
-    the device is under its high mark."""
+    """Copies to evict, lowest ``rank`` first (the policy's order; None: oldest use
+    first), to bring a device above its high mark down to its low mark; as many as
+    can go if the idle ones are not enough. Empty when the device is under its high
+    mark."""
     used = usage_bytes(view, device)
     if used <= device.total_bytes * marks.high:
         return ()
@@ -54,7 +58,7 @@ def pressure_victims(
     req = PlacementRequest(model="", version=0, now=now, min_residency_s=min_residency_s)
     candidates = sorted(
         (c for c in view.copies_on(device.device_id) if evictable(c, view, req)),
-        key=lambda c: c.last_used,
+        key=rank or (lambda c: c.last_used),
     )
     victims = []
     for c in candidates:

@@ -24,6 +24,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from modelpool.placement.cluster import (
     ClusterView,
@@ -109,6 +110,9 @@ class OptPolicy:
 
     def plan(self, view: ClusterView, req: PlacementRequest) -> Plan:
         return plan_by_value(view, req, lambda c: -self._next_of.get(c.model, math.inf))
+
+    def eviction_rank(self, view: ClusterView, now: float) -> Callable[[CopyView], Any]:
+        return lambda c: -self._next_of.get(c.model, math.inf)
 
     def observe(self, event: Event) -> None:
         if isinstance(event, Requested):

@@ -42,6 +42,5 @@ def test_ready_copies_follow_events_snapshots_and_local_changes() -> None:
     view.drop(("m", 1, "w1"))
     view.drop(("m", 1, "w1"))  # twice is harmless
     assert view.ready_copies("m", 1) == []
-    view.inflight[("m", 1, "w1")] = 2
     view.put(_copy("m", "w1"))
-    assert view.ready_copies("m", 1)[0].inflight == 2
+    assert [c.worker_id for c in view.copies_of("m", 1)] == ["w1"]
