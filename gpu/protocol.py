@@ -53,8 +53,11 @@ class UnloadRequest:
 
 @dataclass(frozen=True)
 class UnloadResult:
-    """``retained_bytes``: what the device allocator still held after the copy went;
-    above a threshold the worker process is recycled to get it back."""
+    """``retained_bytes``: what the worker's device allocator still holds, after the
+    copy went and ``empty_cache()`` ran, that no live tensor uses (reserved minus
+    allocated): memory only a new process gets back. Worker-wide, not the copy's share;
+    other models' loads and forwards do not count in it. Above a threshold the worker
+    process is recycled to get it back."""
 
     model: str
     version: int
@@ -95,11 +98,18 @@ class CopyStatus:
 
 @dataclass(frozen=True)
 class WorkerStatus:
+    """``allocated_bytes`` / ``reserved_bytes``: the worker's own device allocator (the
+    torch CUDA caching allocator), bytes in live tensors / bytes it holds from the
+    device, cache included; their difference is what an unload's ``retained_bytes``
+    reports once ``empty_cache()`` has run. Both 0 on CPU and from older workers."""
+
     worker_id: str
     device: str
     pid: int
     memory: DeviceMemory
     copies: tuple[CopyStatus, ...] = field(default_factory=tuple)
+    allocated_bytes: int = 0
+    reserved_bytes: int = 0
 
 
 T = TypeVar("T")

@@ -6,16 +6,27 @@ event loop keeps answering health checks and other models while one computes.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
+import traceback
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tritonclient.grpc import service_pb2 as pb
 
+from modelpool.gpu.accounting import (
+    Allocator,
+    AllocatorUsage,
+    PeakMeter,
+    allocator_for,
+    module_bytes,
+    retained_after_release,
+)
 from modelpool.gpu.repository import ModelRepository, ModelSpec
 from modelpool.gpu.tensors import NUMPY_DTYPES
 from modelpool.placement.errors import (
@@ -69,30 +80,30 @@ class LoadedModel:
     inferences: int = 0
 
 
-def _module_bytes(module: torch.nn.Module) -> int:
-    """Bytes held by a module's parameters and buffers, shared storages counted once."""
-    seen: set[int] = set()
-    total = 0
-    for t in [*module.parameters(), *module.buffers()]:
-        storage = t.untyped_storage()
-        if storage.data_ptr() in seen:
-            continue
-        seen.add(storage.data_ptr())
-        total += storage.nbytes()
-    return total
-
-
 class ModelRuntime:
-    """Models resident on one device. Thread-safe for concurrent infer calls; loads and
-    unloads are serialised by the caller per model."""
+    """Models resident on one device. Thread-safe for concurrent infer calls; loads run
+    one at a time; a load and an unload of one model are serialised by the caller.
+
+    Args:
+        allocator: the device's memory allocator, for peaks and retained bytes (see
+            ``gpu.accounting``); None: the real one of ``device``.
+    """
 
     def __init__(
-        self, repository: ModelRepository, device: str, threads: int | None = None
+        self,
+        repository: ModelRepository,
+        device: str,
+        threads: int | None = None,
+        allocator: Allocator | None = None,
     ) -> None:
         self.repository = repository
         self.device = torch.device(device)
+        self.allocator = allocator if allocator is not None else allocator_for(self.device, {})
         self.models: dict[tuple[str, int], LoadedModel] = {}
         self._lock = threading.Lock()
+        # One load at a time: a second load's weights inside the first one's
+        # measurement window would be taken for the first model's peak.
+        self._load_serial = threading.Lock()
         if threads:
             torch.set_num_threads(threads)
 
@@ -103,16 +114,19 @@ class ModelRuntime:
         key = (name, version)
         if key in self.models:
             return self.models[key]
+        with self._load_serial:
+            if key in self.models:  # loaded while this call waited for the lock
+                return self.models[key]
+            return self._load(name, version)
+
+    def _load(self, name: str, version: int) -> LoadedModel:
+        key = (name, version)
         self.repository.refresh(name)
         spec = self.repository.get(name)
         version = spec.resolve_version(version)
         path = spec.artifacts[version]
-        cuda = self.device.type == "cuda"
         start = time.perf_counter()
-        if cuda:
-            torch.cuda.synchronize(self.device)
-            before = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+        meter = PeakMeter(self.allocator)
         try:
             module = torch.jit.load(str(path), map_location=self.device)
             module.eval()
@@ -126,15 +140,25 @@ class ModelRuntime:
             self._release()
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ModelLoadError(f"model '{name}': cannot load {path}: {reason}") from e
-        if cuda:
-            self._warm_up(spec, module)
-            torch.cuda.synchronize(self.device)
-            footprint = torch.cuda.memory_allocated(self.device) - before
-            # The peak includes a first forward's activations and workspaces: what the
-            # next admission of this model must find free, not only its weights.
-            peak = torch.cuda.max_memory_allocated(self.device) - before
-        else:
-            footprint = peak = _module_bytes(module)
+        if self.device.type == "cuda":
+            try:
+                self._warm_up(spec, module)
+            except torch.OutOfMemoryError as e:
+                # The traceback's frames hold the module and its inputs; cleared, the
+                # cache can give the partial copy back now rather than after a gc.
+                traceback.clear_frames(e.__traceback__)
+                del module
+                self._release()
+                raise OutOfMemory(
+                    f"model '{name}' version {version}: out of device memory in its first forward",
+                    retry_after_s=1.0,
+                ) from e
+        # The module's own storages, not a difference of device-wide counters, which
+        # would also count what other threads of this worker allocate meanwhile.
+        footprint = module_bytes(module)
+        # The peak includes a first forward's activations and workspaces: what the
+        # next admission of this model must find free, not only its weights.
+        peak = meter.peak(footprint)
         loaded = LoadedModel(
             spec=spec,
             version=version,
@@ -146,11 +170,12 @@ class ModelRuntime:
         with self._lock:
             self.models[key] = loaded
         log.info(
-            "loaded model=%s version=%s device=%s footprint=%d load_s=%.3f",
+            "loaded model=%s version=%s device=%s footprint=%d peak=%d load_s=%.3f",
             name,
             version,
             self.device,
             loaded.footprint_bytes,
+            loaded.peak_bytes,
             loaded.load_seconds,
         )
         return loaded
@@ -175,8 +200,11 @@ class ModelRuntime:
             )
 
     def unload(self, name: str, version: int) -> tuple[int, int]:
-        """Drop a copy; returns (bytes it held, bytes still held after it went: memory
-        the allocator did not give back). Refuses while requests are in flight."""
+        """Drop a copy; returns (bytes it held, bytes the allocator still holds after
+        ``empty_cache()`` that no live tensor uses: memory only a new process gets
+        back). The second figure is worker-wide, not this copy's share, and loads or
+        forwards running meanwhile cannot inflate it (``gpu.accounting``). Refuses while
+        requests are in flight."""
         with self._lock:
             loaded = self.models.get((name, version))
             if loaded is None:
@@ -187,24 +215,35 @@ class ModelRuntime:
                 )
             del self.models[(name, version)]
         freed = loaded.footprint_bytes
-        before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        module_ref = weakref.ref(loaded.module)
         del loaded
-        self._release()
-        retained = 0
-        if self.device.type == "cuda":
-            returned = before - torch.cuda.memory_allocated(self.device)
-            retained = max(0, freed - returned)
+        if module_ref() is not None:
+            gc.collect()  # a reference cycle (an exception's traceback) may hold it
+        if module_ref() is not None:
+            # Its tensors are live, so they are not counted as retained; they come
+            # back when the last holder (a forward of a cancelled request) lets go.
+            log.warning(
+                "model=%s version=%s is still referenced after unload; its %d bytes "
+                "come back when that reference goes",
+                name,
+                version,
+                freed,
+            )
+        retained = retained_after_release(self.allocator)
         log.info(
             "unloaded model=%s version=%s freed=%d retained=%d", name, version, freed, retained
         )
         return freed, retained
 
     def _release(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.allocator.empty_cache()
 
     def ours_bytes(self) -> int:
-        return sum(m.footprint_bytes for m in self.models.values())
+        return sum(m.footprint_bytes for m in list(self.models.values()))
+
+    def allocator_usage(self) -> AllocatorUsage:
+        """The device allocator's allocated and reserved bytes now (zeros on CPU)."""
+        return self.allocator.usage()
 
     # -- inference -------------------------------------------------------------------
     def get(self, name: str, version: int) -> LoadedModel:

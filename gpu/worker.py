@@ -25,12 +25,13 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from modelpool.gpu import protocol
+from modelpool.gpu.accounting import allocator_for
 from modelpool.gpu.batching import Batcher, Forward
 from modelpool.gpu.memory import MemoryProbe, probe_for
 from modelpool.gpu.protocol import READY_LINE
 from modelpool.gpu.repository import ModelRepository
 from modelpool.gpu.runtime import LoadedModel, ModelRuntime
-from modelpool.placement.errors import ModelpoolError
+from modelpool.placement.errors import DeadlineExceeded, ModelpoolError
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,19 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
         self.config = config
         self.worker_id = config.worker_id or f"{os.uname().nodename}-{os.getpid()}"
         self.repository = ModelRepository(config.model_repository)
-        self.runtime = ModelRuntime(self.repository, config.device, config.threads)
+        # The environment is read here, once, for a CPU test hook only
+        # (MODELPOOL_FAKE_RETAINED_BYTES, see gpu.accounting.FakeRetainedAllocator).
+        allocator = allocator_for(torch.device(config.device), os.environ)
+        self.runtime = ModelRuntime(
+            self.repository, config.device, config.threads, allocator=allocator
+        )
         self.probe: MemoryProbe = probe_for(config.device, config.device_memory_budget)
         # Loads get their own thread so a long load never queues behind inference.
         self._infer_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(2, config.threads or 2), thread_name_prefix="infer"
         )
+        # Two threads so an unload never waits behind a long load; the runtime still
+        # runs the loads themselves one at a time, to measure each one's peak alone.
         self._load_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=2, thread_name_prefix="load"
         )
@@ -110,6 +118,14 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
                 await batcher.close()
         return protocol.UnloadResult(req.model, req.version, freed, retained)
 
+    async def close(self) -> None:
+        """Stop the batchers and the thread pools; once the server has stopped."""
+        batchers, self._batchers = list(self._batchers.values()), {}
+        for batcher in batchers:
+            await batcher.close()
+        self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
+
     async def status(self, _req: object = None) -> protocol.WorkerStatus:
         copies = tuple(
             protocol.CopyStatus(
@@ -125,12 +141,15 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
             )
             for m in list(self.runtime.models.values())
         )
+        usage = self.runtime.allocator_usage()
         return protocol.WorkerStatus(
             worker_id=self.worker_id,
             device=self.config.device,
             pid=os.getpid(),
             memory=self.probe.read(self.runtime.ours_bytes()),
             copies=copies,
+            allocated_bytes=usage.allocated_bytes,
+            reserved_bytes=usage.reserved_bytes,
         )
 
     # -- Triton GRPCInferenceService subset --------------------------------------------
@@ -152,20 +171,49 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
         if remaining is not None and remaining <= 0:
             # Answer an expired request before touching the device.
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before compute")
-        return await self._guard(context, self._infer(request))
+        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        return await self._guard(context, self._infer(request, deadline))
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, deadline: float | None = None
+    ) -> pb.ModelInferResponse:
+        """Args:
+        deadline: the caller's deadline on the event loop's clock; None: none.
+        """
         loaded = self.runtime.begin(request)
         try:
-            batcher = self._batchers.get((loaded.spec.name, loaded.version))
-            if batcher is None:
-                args = self.runtime.decode(loaded.spec, request)
-                tensors = await self._run(self._infer_pool, self.runtime.forward, loaded, args)
-            else:
-                tensors = await batcher.submit(self.runtime.decode(loaded.spec, request))
+            args = self.runtime.decode(loaded.spec, request)
+            tensors = await self._compute(loaded, args, deadline)
             return self.runtime.encode(loaded, request, tensors)
         finally:
             self.runtime.end(loaded)
+
+    async def _compute(
+        self, loaded: LoadedModel, args: list[torch.Tensor], deadline: float | None
+    ) -> list[torch.Tensor]:
+        """The forward, through the model's dynamic batcher if it has one.
+
+        Raises:
+            DeadlineExceeded: ``deadline`` passed while the request waited for a batch
+                or a free inference thread. A request still queued then is dropped
+                before compute; one whose forward already started is answered at the
+                deadline and its result discarded.
+        """
+        batcher = self._batchers.get((loaded.spec.name, loaded.version))
+        try:
+            # Cancelling the wait cancels the queued work: the batcher leaves cancelled
+            # requests out of its next batch, the pool drops a future not yet started.
+            async with asyncio.timeout_at(deadline) as scope:
+                if batcher is None:
+                    return await self._run(self._infer_pool, self.runtime.forward, loaded, args)
+                return await batcher.submit(args)
+        except TimeoutError:
+            if not scope.expired():
+                raise  # raised inside the wait, not our deadline
+            raise DeadlineExceeded(
+                f"model '{loaded.spec.name}': deadline passed while the request waited "
+                f"{'for a batch' if batcher is not None else 'for an inference thread'}"
+            ) from None
 
     def _start_batcher(self, loaded: LoadedModel) -> None:
         """Triton's dynamic batching, for models whose config asks for it."""
@@ -178,9 +226,13 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
         ):
             return
         delay_s = spec.config.dynamic_batching.max_queue_delay_microseconds / 1e6
+        name, version = key
 
+        # The copy is looked up per batch, not captured: the batcher outlives the
+        # runtime's unload by a moment, and a captured copy would keep the module's
+        # memory alive through the unload's measurement of what came back.
         def forward(args: list[torch.Tensor]) -> list[torch.Tensor]:
-            return self.runtime.forward(loaded, args)
+            return self.runtime.forward(self.runtime.get(name, version), args)
 
         async def run(fn: Forward, args: list[torch.Tensor]) -> list[torch.Tensor]:
             return await self._run(self._infer_pool, fn, args)
@@ -291,3 +343,4 @@ async def serve_worker(
         side.cancel()
     log.info("worker %s stopping after %.0fs", worker.worker_id, time.monotonic() - started)
     await server.stop(grace=2.0)
+    await worker.close()

@@ -4,6 +4,7 @@ watermark. Skipped without CUDA (``pytest -m gpu`` on a GPU machine runs them)."
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ pytestmark = [
 ]
 
 MB = 1_000_000
+MiB = 1 << 20
 GiB = 1 << 30
 
 
@@ -63,6 +65,122 @@ def test_memory_returns_after_unload(tmp_path: Path) -> None:
     freed, retained = runtime.unload("big", 1)
     assert freed == footprint and retained < 16 << 20
     assert torch.cuda.memory_allocated(0) - base < 16 << 20
+
+
+class Hungry(torch.nn.Module):
+    """y = 2x + w[0], after taking ``scratch`` bytes of activations: every forward
+    moves the device-wide counters by that much, as the H200 run's MLPs did."""
+
+    def __init__(self, nbytes: int, scratch: int) -> None:
+        super().__init__()
+        self.register_buffer("w", torch.zeros(max(1, nbytes // 4)))
+        self.scratch = scratch // 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.ones([self.scratch], device=x.device)
+        return x * 2.0 + self.w[0] + t[-1] * 0.0
+
+
+def _request(model: str):
+    from tritonclient.grpc import service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=model, model_version="1")
+    x = request.inputs.add(name="x", datatype="FP32")
+    x.shape.extend([1, 4])
+    request.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+    return request
+
+
+async def test_concurrent_loads_unloads_and_forwards_keep_accounting_exact(
+    tmp_path: Path,
+) -> None:
+    """The H200 failure, replayed on one cuda worker: loads and unloads of 64-256 MB
+    models run at once on its two load threads while forwards of another model take
+    and free 256 MiB each. Footprints are the models' bytes and no unload reports
+    retained memory near the gateway's 256 MiB recycle limit."""
+    from modelpool.gpu import protocol
+    from modelpool.gpu.worker import Worker, WorkerConfig
+    from tests.modelgen import write_model
+
+    sizes = {f"m{i}": mb * MiB for i, mb in enumerate((64, 96, 128, 160, 192, 256))}
+    for name, nbytes in sizes.items():
+        _sized(tmp_path, name, nbytes)
+    write_model(tmp_path, "hungry", Hungry(16 * MiB, 256 * MiB))
+    halves = (list(sizes)[0::2], list(sizes)[1::2])
+    worker = Worker(WorkerConfig(str(tmp_path), device="cuda:0"))
+    stop = asyncio.Event()
+
+    async def hammer() -> int:
+        n = 0
+        while not stop.is_set():
+            await worker._infer(_request("hungry"))
+            n += 1
+        return n
+
+    loads: list[protocol.LoadResult] = []
+    unloads: list[protocol.UnloadResult] = []
+    try:
+        await worker.load(protocol.LoadRequest("hungry", 1))
+        hammers = [asyncio.create_task(hammer()) for _ in range(2)]
+        loads += await asyncio.gather(*(worker.load(protocol.LoadRequest(n, 1)) for n in halves[0]))
+        for round_ in range(4):
+            out, into = halves[round_ % 2], halves[(round_ + 1) % 2]
+            results = await asyncio.gather(
+                *(worker.unload(protocol.UnloadRequest(n, 1)) for n in out),
+                *(worker.load(protocol.LoadRequest(n, 1)) for n in into),
+            )
+            unloads += results[: len(out)]
+            loads += results[len(out) :]
+        status = await worker.status()
+        stop.set()
+        forwards = await asyncio.gather(*hammers)
+        unloads += await asyncio.gather(
+            *(worker.unload(protocol.UnloadRequest(n, 1)) for n in halves[0])
+        )
+    finally:
+        stop.set()
+        await worker.close()
+    assert all(n > 0 for n in forwards)
+    for r in loads:
+        assert r.footprint_bytes == sizes[r.model] and r.peak_bytes >= r.footprint_bytes
+    assert len(unloads) == 2 * len(sizes) + len(halves[0])
+    for u in unloads:
+        assert u.freed_bytes == sizes[u.model]
+        assert u.retained_bytes < 64 * MiB, u
+    assert status.reserved_bytes >= status.allocated_bytes >= sum(sizes[n] for n in halves[0])
+
+
+def test_out_of_memory_in_warm_up_is_typed_and_gives_the_copy_back(tmp_path: Path) -> None:
+    from modelpool.gpu.repository import ModelRepository
+    from modelpool.gpu.runtime import ModelRuntime
+    from modelpool.placement.errors import OutOfMemory
+    from tests.modelgen import write_model
+
+    # Weights fit; the first forward asks for more than any device has.
+    write_model(tmp_path, "greedy", Hungry(256 * MiB, 1 << 40))
+    runtime = ModelRuntime(ModelRepository(tmp_path), "cuda:0")
+    base = torch.cuda.memory_allocated(0)
+    with pytest.raises(OutOfMemory, match="first forward"):
+        runtime.load("greedy", 1)
+    assert torch.cuda.memory_allocated(0) - base < 16 * MiB
+    assert not runtime.models
+
+
+def test_unreleasable_is_what_empty_cache_leaves() -> None:
+    """On a quiet device the allocator's non-releasable bytes are reserved - allocated
+    after empty_cache(): holes in segments that still hold a live tensor."""
+    from modelpool.gpu.accounting import CudaAllocator, retained_after_release
+
+    allocator = CudaAllocator(torch.device("cuda:0"))
+    # 2 MiB tensors share 20 MiB segments; freeing every other one leaves 100 holes.
+    blocks = [torch.empty(2 * MiB, dtype=torch.uint8, device="cuda:0") for _ in range(200)]
+    del blocks[::2]
+    retained = retained_after_release(allocator, settle_s=0)
+    usage = allocator.usage()
+    assert usage.unreleasable_bytes == usage.cached_bytes == retained
+    assert 200 * MiB <= retained < 240 * MiB
+    del blocks
+    assert retained_after_release(allocator) < 16 * MiB
 
 
 FOREIGN = r"""
