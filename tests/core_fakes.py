@@ -60,6 +60,7 @@ class FakeWorker:
         self.alive = True
         self.fail_load: dict[str, Exception] = {}
         self.retained_bytes = 0
+        self.load_started = asyncio.Event()
 
     def gate(self, model: str) -> asyncio.Event:
         """Loads of ``model`` wait until the returned event is set."""
@@ -72,6 +73,7 @@ class FakeWorker:
     async def load(self, model: str, version: int, timeout_s: float) -> protocol.LoadResult:
         self._check()
         self.loads.append(model)
+        self.load_started.set()
         gate = self.gates.get(model)
         if gate is not None:
             await asyncio.wait_for(gate.wait(), timeout_s)

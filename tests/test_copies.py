@@ -49,8 +49,7 @@ async def test_cancelled_first_requester_leaves_the_load_and_other_waiters_alone
     gate = w.gate("a")
     first = asyncio.create_task(m.acquire("a", 1, soon()))
     second = asyncio.create_task(m.acquire("a", 1, soon()))
-    while not w.loads:  # the load started on behalf of the first
-        await asyncio.sleep(0)
+    await w.load_started.wait()  # the load started on behalf of the first
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
@@ -69,8 +68,7 @@ async def test_every_waiter_cancelled_still_finishes_the_load(tmp_path: Path) ->
     m, w = core.manager, core.worker("w1")
     gate = w.gate("a")
     waiters = [asyncio.create_task(m.acquire("a", 1, soon())) for _ in range(3)]
-    while not w.loads:
-        await asyncio.sleep(0)
+    await w.load_started.wait()
     for t in waiters:
         t.cancel()
     await asyncio.gather(*waiters, return_exceptions=True)
@@ -144,8 +142,7 @@ async def test_a_worker_lost_mid_load_places_the_copy_elsewhere(tmp_path: Path) 
     g1 = w1.gate("a")
     # The plan picks the least loaded worker, w1 by name; it dies while loading.
     waiter = asyncio.create_task(m.acquire("a", 1, soon()))
-    while not w1.loads:
-        await asyncio.sleep(0)
+    await w1.load_started.wait()
     w1.alive = False
     g1.set()
     lease = await waiter
@@ -294,8 +291,7 @@ async def test_close_cancels_loads_and_leaves_no_reservation(tmp_path: Path) -> 
     m, w = core.manager, core.worker("w1")
     w.gate("a")
     waiter = asyncio.create_task(m.acquire("a", 1, soon()))
-    while not w.loads:
-        await asyncio.sleep(0)
+    await w.load_started.wait()
     await m.close()
     with pytest.raises((Unavailable, asyncio.CancelledError, WorkerUnavailable)):
         await waiter
