@@ -125,8 +125,14 @@ class LocalWorkers:
         return cmd
 
     async def _spawn(self, slot: WorkerSlot) -> tuple[asyncio.subprocess.Process, str]:
+        env = dict(os.environ)
+        if slot.device.startswith("cuda"):
+            # Growable segments instead of fixed ones: far less memory stranded by
+            # fragmentation after unloads, which is what would force a recycle.
+            env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         proc = await asyncio.create_subprocess_exec(
             *self._command(slot),
+            env=env,
             stdout=asyncio.subprocess.PIPE,
             stdin=asyncio.subprocess.DEVNULL,
             limit=LINE_LIMIT,
@@ -161,6 +167,8 @@ class LocalWorkers:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a failed start, a store error: never fatal
+                if self._stopping:
+                    return  # stop() killed it mid-start
                 log.error(
                     "worker %s failed: %s; retrying in %.1fs", slot.worker_id, e, backoff
                 )
