@@ -146,3 +146,21 @@ def test_min_copies_are_not_evicted_and_not_shrunk() -> None:
     assert plan_replication(one, {}, ReplicationConfig(10, 2), now=10) == [
         Replicate("m", 1, "w1", "d1", 100)
     ]
+
+
+def test_pressure_evicts_in_the_policys_order() -> None:
+    """--policy decides pressure evictions too: GDSF keeps the small, often-asked model
+    that LRU would evict for being the least recent."""
+    from modelpool.placement.policies import Requested, make_policy
+
+    foreign = DeviceView("d0", 1000, used_other_bytes=300)
+    v = view(c("popular", 100, 1), c("big", 500, 5), c("other", 200, 6), devices=(foreign,))
+    lru, gdsf = make_policy("lru"), make_policy("gdsf")
+    for _ in range(50):
+        gdsf.observe(Requested("popular", 1, 0.5))
+    gdsf.observe(Requested("big", 1, 5.0))
+    marks = Watermarks(0.95, 0.8)
+    by_lru = pressure_victims(v, foreign, marks, 10, rank=lru.eviction_rank(v, 10))
+    by_gdsf = pressure_victims(v, foreign, marks, 10, rank=gdsf.eviction_rank(v, 10))
+    assert [x.model for x in by_lru] == ["popular", "big"]
+    assert "popular" not in [x.model for x in by_gdsf]
