@@ -4,17 +4,18 @@ protobuf to a DataPlane call and back; typed errors map to status codes here."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import message_factory
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from modelpool.gateway.dataplane import DataPlane
 from modelpool.gateway.errors import retry_after, status_of
+from modelpool.gateway.validate import client_timeout, grpc_timeout_parameter, raising
 from modelpool.placement.errors import InvalidInput, ModelpoolError
 
 log = logging.getLogger(__name__)
@@ -75,15 +76,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, data: bytes, context) -> bytes:
         """Bytes in, bytes out: a request that needs no rewriting goes to the worker as
-        it came, and the worker's reply comes back unparsed (see ``service_handler``)."""
+        it came, and the worker's reply comes back unparsed (see ``service_handler``).
 
-        def parse() -> pb.ModelInferRequest:
-            try:
-                return pb.ModelInferRequest.FromString(data)
-            except DecodeError as e:
-                raise InvalidInput(f"ModelInferRequest does not parse: {e}") from None
+        The request's time is the smaller of the client's gRPC deadline and Triton's
+        ``timeout`` request parameter (int64_param, microseconds; what tritonclient's
+        ``infer(timeout=...)`` sends); a malformed parameter is INVALID_ARGUMENT.
+        """
 
-        outcome = await self._guard(context, self.dp.infer(parse, protocol="grpc", raw=data))
+        def parse() -> tuple[pb.ModelInferRequest, float | None]:
+            request = _decode(pb.ModelInferRequest, data)
+            remaining = context.time_remaining()  # None: the client set no deadline
+            deadline_s = max(0.0, remaining) if remaining is not None else None
+            return request, client_timeout(deadline_s, grpc_timeout_parameter(request))
+
+        # Parsed before the data plane is called, as the deadline rides in the request;
+        # one that fails to parse still goes through ``dp.infer`` to be counted.
+        source: pb.ModelInferRequest | Callable[[], pb.ModelInferRequest]
+        try:
+            source, timeout_s = parse()
+        except Exception as e:
+            source, timeout_s = raising(e), None
+        outcome = await self._guard(
+            context,
+            self.dp.infer(source, protocol="grpc", raw=data, client_timeout_s=timeout_s),
+        )
         return outcome.raw_response()
 
     async def ModelStatistics(self, request, context):
@@ -110,6 +126,31 @@ async def _call(fn, *args):
     return fn(*args)
 
 
+M = TypeVar("M", bound=Message)
+
+
+def _decode(cls: type[M], data: bytes) -> M:
+    """Parse a request; bytes that are not one are the client's error (grpc.aio would
+    answer UNKNOWN for a deserializer that raises)."""
+    try:
+        return cls.FromString(data)
+    except DecodeError as e:
+        raise InvalidInput(f"{cls.DESCRIPTOR.name} does not parse: {e}") from None
+
+
+def _decoding(
+    servicer: InferenceServicer, name: str, cls: type[Message]
+) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
+    """``servicer.<name>`` taking raw bytes, parsed under the servicer's error guard."""
+    method = getattr(servicer, name)
+
+    async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        request = await servicer._guard(context, _call(_decode, cls, data))
+        return await method(request, context)
+
+    return handle
+
+
 def service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     """GRPCInferenceService with every unary method the servicer implements; ModelInfer
     takes and returns raw bytes so the gateway forwards without re-encoding. Methods
@@ -127,8 +168,7 @@ def service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
             continue
         request_cls = message_factory.GetMessageClass(method.input_type)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name),
-            request_deserializer=request_cls.FromString,
+            _decoding(servicer, method.name, request_cls),
             response_serializer=lambda m: m.SerializeToString(),
         )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)

@@ -3,16 +3,20 @@ render; the middleware maps typed errors once."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from tritonclient.grpc import service_pb2 as pb
 
 from modelpool.gateway.dataplane import DataPlane
 from modelpool.gateway.errors import retry_after, status_of
 from modelpool.gateway.proto_json import message_to_json
-from modelpool.gateway.rest_codec import HEADER_LENGTH, parse_infer, render_infer
+from modelpool.gateway.rest_codec import HEADER_LENGTH, parse_infer, render_infer, request_timeout
+from modelpool.gateway.validate import client_timeout, raising, timeout_seconds
+from modelpool.gpu.repository import clip
 from modelpool.placement.errors import InvalidInput, ModelpoolError, PayloadTooLarge
 
 log = logging.getLogger(__name__)
@@ -20,6 +24,8 @@ log = logging.getLogger(__name__)
 DATAPLANE = web.AppKey("dataplane", DataPlane)
 MAX_BODY = web.AppKey("max_request_bytes", int)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: The seconds a REST client gives an inference request (see ``infer``).
+TIMEOUT_HEADER = "Modelpool-Timeout"
 
 
 def _error(status: int, message: str, retry_after_s: float | None = None) -> web.Response:
@@ -37,7 +43,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         status, _ = status_of(e)
         if status >= 500 and status != 503:
             log.exception("unmapped error on %s", request.path)
-        return _error(status, e.message, retry_after(e))
+        response = _error(status, e.message, retry_after(e))
+        if not request.content.is_eof():
+            # The body was not (or could not be) read to its end: where the next
+            # request on this connection starts is unknown, so the client must not
+            # send one; without this it would see a reset instead of a reply.
+            response.force_close()
+        return response
     except web.HTTPException:
         raise
     except Exception:
@@ -79,26 +91,43 @@ async def model_config(request: web.Request) -> web.Response:
 
 
 async def infer(request: web.Request) -> web.Response:
+    """``POST /v2/models/{model}[/versions/{version}]/infer``: JSON, or JSON followed by
+    binary tensors (``Inference-Header-Content-Length`` says where the JSON ends).
+
+    Deadlines: the header ``Modelpool-Timeout`` gives the request that many seconds (a
+    positive decimal number, e.g. ``Modelpool-Timeout: 2.5``), and the request's
+    ``parameters.timeout`` (Triton's schedule-policy parameter) that many whole
+    microseconds, 0 meaning none. The smaller of the two given is passed on as the
+    request's deadline; a malformed one is a 400 naming the header or parameter.
+    """
     name, version = _model(request)
     dp = request.app[DATAPLANE]
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        body = None
+    body = await _read(request, f"model '{name}'")
     doc: dict = {}
 
-    def parse() -> pb.ModelInferRequest:
+    def parse() -> tuple[pb.ModelInferRequest, float | None]:
         nonlocal doc
         dp.spec(name, version)  # 404 for an unknown model before any parsing
-        if body is None:
-            raise PayloadTooLarge(
-                f"model '{name}': request body is over the {request.app[MAX_BODY]}-byte limit "
-                "(--max-request-size)"
-            )
+        header = request.headers.get(TIMEOUT_HEADER)
+        header_s = (
+            timeout_seconds(header, f"model '{name}': header {TIMEOUT_HEADER}")
+            if header is not None
+            else None
+        )
+        if isinstance(body, ModelpoolError):
+            raise body
         parsed, doc = parse_infer(name, version, body, request.headers.get(HEADER_LENGTH))
-        return parsed
+        return parsed, client_timeout(header_s, request_timeout(name, doc))
 
-    outcome = await dp.infer(parse, protocol="http", model=name)
+    # Parsed before the data plane is called, as the deadline rides in the body; a
+    # request that fails to parse still goes through ``dp.infer`` (raising there) so
+    # it is counted like any other failed request.
+    source: pb.ModelInferRequest | Callable[[], pb.ModelInferRequest]
+    try:
+        source, timeout_s = parse()
+    except Exception as e:
+        source, timeout_s = raising(e), None
+    outcome = await dp.infer(source, protocol="http", model=name, client_timeout_s=timeout_s)
     payload, header_length = render_infer(outcome.parsed(), doc)
     if header_length is None:
         return web.Response(body=payload, content_type="application/json")
@@ -109,13 +138,37 @@ async def infer(request: web.Request) -> web.Response:
     )
 
 
+async def _read(request: web.Request, what: str) -> bytes | ModelpoolError:
+    """The request body, or the error to answer for one that cannot be read (returned,
+    not raised, so the caller can answer a 404 for an unknown model first)."""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return PayloadTooLarge(
+            f"{what}: request body is over the {request.app[MAX_BODY]}-byte limit "
+            "(--max-request-size)"
+        )
+    except RequestPayloadError as e:
+        # A body its Content-Encoding does not decode (aiohttp decompresses gzip,
+        # deflate and br), or a connection cut mid-body.
+        cause = getattr(e.__cause__, "message", None) or str(e)
+        return InvalidInput(f"{what}: request body cannot be read: {clip(cause, 200)}")
+
+
 async def repository_index(request: web.Request) -> web.Response:
     ready_only = False
     if request.can_read_body:
+        body = await _read(request, "repository index")
+        if isinstance(body, ModelpoolError):
+            raise body
         try:
-            doc = await request.json()
-        except ValueError:
-            raise InvalidInput("repository index: body is not valid JSON") from None
+            # Not request.json(): it decodes by the Content-Type's charset, and an
+            # unknown one raises LookupError.
+            doc = json.loads(body) if body.strip() else {}
+        except (ValueError, RecursionError) as e:
+            raise InvalidInput(
+                f"repository index: body is not valid JSON: {clip(e, 200)}"
+            ) from None
         ready_only = bool(isinstance(doc, dict) and doc.get("ready"))
     entries = request.app[DATAPLANE].repository_index(ready_only)
     return web.json_response(

@@ -12,6 +12,14 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
+from modelpool.gateway.validate import (
+    INT64_MAX,
+    TIMEOUT_PARAMETER,
+    check_rank,
+    shown_shape,
+    timeout_microseconds,
+)
+from modelpool.gpu.repository import clip
 from modelpool.gpu.tensors import NUMPY_DTYPES, element_count
 from modelpool.placement.errors import InvalidInput
 
@@ -24,61 +32,81 @@ def parse_infer(
     """Build a ModelInferRequest from a REST body. Returns the request and the JSON
     header (the caller needs its output parameters to render the reply)."""
     if header_length is not None:
-        try:
-            n = int(header_length)
-        except ValueError:
+        # ASCII digits only: int() also takes "+1", "1_0" and other scripts' digits.
+        digits = header_length.strip()
+        if not (digits.isascii() and digits.isdigit()):
             raise InvalidInput(
-                f"model '{model}': {HEADER_LENGTH} '{header_length}' is not a number"
-            ) from None
-        if n < 0 or n > len(body):
+                f"model '{model}': {HEADER_LENGTH} '{clip(header_length)}' is not a number"
+            )
+        # Past 20 digits it cannot fit any body, and int() refuses past 4300.
+        n = int(digits) if len(digits) <= 20 else len(body) + 1
+        if n > len(body):
             raise InvalidInput(
-                f"model '{model}': {HEADER_LENGTH} {n} does not fit the {len(body)}-byte body"
+                f"model '{model}': {HEADER_LENGTH} {clip(digits)} does not fit the "
+                f"{len(body)}-byte body"
             )
         head, binary = body[:n], memoryview(body)[n:]
     else:
         head, binary = body, memoryview(b"")
-    try:
-        doc = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidInput(f"model '{model}': request body is not valid JSON: {e}") from None
+    doc = _json(model, head)
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
         raise InvalidInput(f"model '{model}': request JSON needs an 'inputs' list")
 
     request = pb.ModelInferRequest(model_name=model, model_version=version)
-    if isinstance(doc.get("id"), str):
-        request.id = doc["id"]
+    if "id" in doc:
+        request.id = _text(doc["id"], model, "request 'id'")
     offset = 0
     for i, t in enumerate(doc["inputs"]):
         if not isinstance(t, dict):
             raise InvalidInput(f"model '{model}': inputs[{i}] is not an object")
-        name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
-        if not isinstance(name, str):
+        raw_name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
+        if not isinstance(raw_name, str):
             raise InvalidInput(f"model '{model}': inputs[{i}] has no 'name'")
-        if datatype not in NUMPY_DTYPES:
+        name = _text(raw_name, model, f"inputs[{i}] 'name'")
+        shown = clip(name)
+        if not isinstance(datatype, str) or datatype not in NUMPY_DTYPES:
             raise InvalidInput(
-                f"model '{model}': input '{name}' has unsupported datatype {datatype!r}"
+                f"model '{model}': input '{shown}' has unsupported datatype {clip(repr(datatype))}"
             )
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) for d in shape
         ):
             raise InvalidInput(
-                f"model '{model}': input '{name}' needs 'shape' as a list of integers"
+                f"model '{model}': input '{shown}' needs 'shape' as a list of integers"
+            )
+        check_rank(model, name, shape)
+        if any(d < 0 for d in shape):
+            raise InvalidInput(
+                f"model '{model}': input '{shown}' shape {shown_shape(shape)} has a "
+                "negative dimension"
+            )
+        if any(d > INT64_MAX for d in shape):
+            # The protocol's dimensions are int64; protobuf would refuse the rest.
+            raise InvalidInput(
+                f"model '{model}': input '{shown}' shape {shown_shape(shape)} has a "
+                "dimension beyond int64"
             )
         dtype = NUMPY_DTYPES[datatype]
-        params = _parameters(t, model, f"input '{name}'")
+        params = _parameters(t, model, f"input '{shown}'")
         size = params.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if (
+                not isinstance(size, int)
+                or isinstance(size, bool)
+                or size < 0
+                or offset + size > len(binary)
+            ):
                 raise InvalidInput(
-                    f"model '{model}': input '{name}' binary_data_size {size} runs past the "
-                    f"{len(binary)} bytes of binary data"
+                    f"model '{model}': input '{shown}' binary_data_size {clip(repr(size))} "
+                    f"runs past the {len(binary)} bytes of binary data (or is not a "
+                    "whole number)"
                 )
             raw = bytes(binary[offset : offset + size])
             offset += size
         else:
             if "data" not in t:
                 raise InvalidInput(
-                    f"model '{model}': input '{name}' has neither 'data' nor binary_data_size"
+                    f"model '{model}': input '{shown}' has neither 'data' nor binary_data_size"
                 )
             try:
                 loose = np.asarray(t["data"])
@@ -89,12 +117,12 @@ def parse_infer(
                 array = loose.astype(dtype, casting="unsafe")
             except (ValueError, TypeError, OverflowError) as e:
                 raise InvalidInput(
-                    f"model '{model}': input '{name}' data is not {datatype}: {e}"
+                    f"model '{model}': input '{shown}' data is not {datatype}: {clip(e, 200)}"
                 ) from None
             if array.size != element_count(shape) or array.dtype == object:
                 raise InvalidInput(
-                    f"model '{model}': input '{name}' has {array.size} elements; shape {shape} "
-                    f"needs {element_count(shape)}"
+                    f"model '{model}': input '{shown}' has {array.size} elements; shape "
+                    f"{shown_shape(shape)} needs {clip(element_count(shape))}"
                 )
             raw = array.tobytes()
         tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
@@ -111,10 +139,44 @@ def parse_infer(
     for i, o in enumerate(outputs):
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise InvalidInput(f"model '{model}': outputs[{i}] needs a 'name'")
-        _flag(_parameters(o, model, f"output '{o['name']}'"), "binary_data", model)
-        request.outputs.add(name=o["name"])
+        out_name = _text(o["name"], model, f"outputs[{i}] 'name'")
+        _flag(_parameters(o, model, f"output '{clip(out_name)}'"), "binary_data", model)
+        request.outputs.add(name=out_name)
     _flag(_parameters(doc, model, "request"), "binary_data_output", model)
     return request, doc
+
+
+def request_timeout(model: str, doc: dict[str, Any]) -> float | None:
+    """Seconds from the request's ``parameters.timeout`` (Triton's schedule-policy
+    parameter, microseconds; 0 or absent: None)."""
+    params = _parameters(doc, model, "request")
+    if TIMEOUT_PARAMETER not in params:
+        return None
+    return timeout_microseconds(
+        params[TIMEOUT_PARAMETER], f"model '{model}': parameter '{TIMEOUT_PARAMETER}'"
+    )
+
+
+def _json(model: str, head: bytes) -> Any:
+    try:
+        return json.loads(head)
+    except (ValueError, RecursionError) as e:
+        # ValueError covers JSONDecodeError and UnicodeDecodeError; RecursionError is
+        # what a few thousand nested '[' cost the parser.
+        what = "nests too deeply" if isinstance(e, RecursionError) else clip(e, 200)
+        raise InvalidInput(f"model '{model}': request body is not valid JSON: {what}") from None
+
+
+def _text(value: object, model: str, what: str) -> str:
+    """A string the protobuf request can hold: JSON lets "\ud800" (a lone surrogate)
+    through, which has no UTF-8 form."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"model '{model}': {what} must be a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"model '{model}': {what} is not valid Unicode") from None
+    return value
 
 
 def _parameters(obj: dict[str, Any], model: str, what: str) -> dict[str, Any]:

@@ -50,6 +50,10 @@ def translate(
     )
 
 
+#: The longest timeout handed to grpc for one worker call: a day.
+MAX_CALL_TIMEOUT_S = 86_400.0
+
+
 class WorkerClient:
     def __init__(self, worker_id: str, address: str, max_message_bytes: int = 1 << 30) -> None:
         self.worker_id = worker_id
@@ -86,6 +90,8 @@ class WorkerClient:
         )
 
     async def _call(self, what: str, method: Any, request: Any, timeout_s: float) -> Any:
+        # grpc reads a timeout past ~4e9 s as already expired; a client may ask for more.
+        timeout_s = min(timeout_s, MAX_CALL_TIMEOUT_S)
         try:
             return await method(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as e:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -31,7 +32,23 @@ DEFAULT_FILENAME = "model.pt"
 ESTIMATE_HEADROOM = 1.25
 ESTIMATE_FLOOR_BYTES = 1 << 20
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
+#: NAME_MAX of Linux file systems: a longer name cannot be a directory, and asking the
+#: file system about one raises OSError (ENAMETOOLONG) instead of answering "absent".
+MAX_NAME_LENGTH = 255
+#: Versions are int64 in Triton's protocol; longer digit strings name no version.
+MAX_VERSION_DIGITS = 19
+#: How much of a client's string (model, tensor, version) an error message repeats.
+SHOWN_CHARS = 64
+
+
+def clip(text: object, limit: int = SHOWN_CHARS) -> str:
+    """``text`` for an error message: at most ``limit`` characters, so a client's
+    megabyte-long name never comes back megabyte-long in the reply or the log."""
+    s = str(text)
+    if len(s) <= limit:
+        return s
+    return f"{s[:limit]}...({len(s)} chars)"
 
 
 @dataclass(frozen=True)
@@ -60,6 +77,10 @@ class ModelSpec:
     artifacts: dict[int, Path]
     config: mc.ModelConfig
     error: str | None = None
+    #: Bytes of each version's artifact, measured once by ``read_model``: placement asks
+    #: for sizes of every resident model on every plan, and a file deleted since the
+    #: scan must not make those plans fail.
+    artifact_sizes: dict[int, int] = field(default_factory=dict)
     #: From ``parameters { key: "modelpool.pinned" ... }``: never evicted.
     pinned: bool = False
     #: From ``modelpool.estimated_bytes``: the operator's size before a first load.
@@ -75,35 +96,57 @@ class ModelSpec:
         """The version to serve for a request's version string ('' or None: latest)."""
         if self.error is not None:
             raise ModelNotReady(f"model '{self.name}' is not available: {self.error}")
-        if version in (None, "", 0):
+        if version is None or version in ("", 0):
             return self.latest
-        try:
-            v = int(version)
-        except (TypeError, ValueError):
-            raise InvalidInput(
-                f"model '{self.name}': version '{version}' is not a number"
-            ) from None
+        if isinstance(version, str):
+            # ASCII digits only: int() would also take " 1", "+1", "1_0" and other
+            # scripts' digits, and raise ValueError past 4300 digits.
+            if not (version.isascii() and version.isdigit()):
+                raise InvalidInput(
+                    f"model '{self.name}': version '{clip(version)}' is not a version number "
+                    "(digits only)"
+                )
+            if len(version) > MAX_VERSION_DIGITS:
+                raise ModelNotFound(
+                    f"model '{self.name}' has no version {clip(version)} "
+                    f"(available: {', '.join(map(str, self.versions))})"
+                )
+        v = int(version)
         if v not in self.versions:
             raise ModelNotFound(
-                f"model '{self.name}' has no version {v} "
+                f"model '{self.name}' has no version {clip(v)} "
                 f"(available: {', '.join(map(str, self.versions))})"
             )
         return v
 
     def artifact_bytes(self, version: int) -> int:
-        return self.artifacts[version].stat().st_size
+        """The artifact's size when the repository was read (0 for an unknown version);
+        never touches the disk, so a file deleted since cannot make this raise."""
+        return self.artifact_sizes.get(version, 0)
 
     def estimated_bytes(self, version: int) -> int:
-        """Bytes to reserve before a first load has measured the model."""
+        """Bytes to reserve before a first load has measured the model (from the
+        recorded artifact size; no file system access)."""
         if self.declared_bytes is not None:
             return self.declared_bytes
         return max(ESTIMATE_FLOOR_BYTES, int(self.artifact_bytes(version) * ESTIMATE_HEADROOM))
 
 
 def check_model_name(name: str) -> None:
-    """Reject names that could escape the repository or are not directory names."""
-    if not name or name in (".", "..") or not _NAME_RE.match(name) or ".." in name:
-        raise InvalidInput(f"model name '{name}' is not allowed (letters, digits, '_', '-', '.')")
+    """Reject names that could escape the repository or are not directory names: only
+    ASCII letters, digits, '_', '-' and '.', no '..', no leading '.', at most
+    MAX_NAME_LENGTH characters."""
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidInput(
+            f"model name '{clip(name)}' is not allowed: {len(name)} characters, "
+            f"at most {MAX_NAME_LENGTH}"
+        )
+    # A leading '.' would name the repository itself ('.'), its parent ('..') or a
+    # hidden directory, which the full scan skips too.
+    if not name or not _NAME_RE.fullmatch(name) or ".." in name or name.startswith("."):
+        raise InvalidInput(
+            f"model name {clip(name)!r} is not allowed (letters, digits, '_', '-', '.')"
+        )
 
 
 class ModelRepository:
@@ -121,13 +164,18 @@ class ModelRepository:
         if name is None:
             found = {}
             for d in sorted(self.root.iterdir()):
-                if d.is_dir() and _NAME_RE.match(d.name) and not d.name.startswith("."):
+                if (
+                    d.is_dir()
+                    and _NAME_RE.fullmatch(d.name)
+                    and len(d.name) <= MAX_NAME_LENGTH
+                    and not d.name.startswith(".")
+                ):
                     found[d.name] = read_model(d)
             self._specs = found
             return
         check_model_name(name)
         d = self.root / name
-        if d.is_dir():
+        if _is_dir(d):
             self._specs[name] = read_model(d)
         else:
             self._specs.pop(name, None)
@@ -153,6 +201,16 @@ class ModelRepository:
         return spec
 
 
+def _is_dir(path: Path) -> bool:
+    """``path.is_dir()``, False where the file system refuses to say (a permission
+    denied on the way, say), which ``Path.is_dir`` raises for."""
+    try:
+        return path.is_dir()
+    except OSError as e:
+        log.warning("cannot look at %s: %s", path, e)
+        return False
+
+
 def _tensor(t: mc.ModelInput | mc.ModelOutput, where: str) -> TensorSpec:
     dt = mc.DataType.Name(t.data_type)
     if not dt.startswith("TYPE_") or dt[5:] == "INVALID":
@@ -166,12 +224,22 @@ def _tensor(t: mc.ModelInput | mc.ModelOutput, where: str) -> TensorSpec:
     return TensorSpec(name=t.name, datatype=wire, dims=dims)
 
 
-def _versions(model_dir: Path, config: mc.ModelConfig, filename: str) -> dict[int, Path]:
-    on_disk = {
-        int(p.name): p / filename
-        for p in model_dir.iterdir()
-        if p.is_dir() and p.name.isdigit() and int(p.name) > 0 and (p / filename).is_file()
-    }
+def _versions(
+    model_dir: Path, config: mc.ModelConfig, filename: str
+) -> dict[int, tuple[Path, int]]:
+    """Version -> (artifact path, its size in bytes), under the version policy."""
+    on_disk: dict[int, tuple[Path, int]] = {}
+    for p in model_dir.iterdir():
+        if not (p.name.isascii() and p.name.isdigit() and int(p.name) > 0):
+            continue
+        artifact = p / filename
+        try:
+            if not artifact.is_file():
+                continue
+            size = artifact.stat().st_size
+        except OSError:
+            continue  # gone (or unreadable) between listing and stat: not on disk
+        on_disk[int(p.name)] = (artifact, size)
     policy = config.version_policy
     kind = policy.WhichOneof("policy_choice") or "latest"
     if kind == "all":
@@ -194,6 +262,20 @@ def read_model(model_dir: Path) -> ModelSpec:
         log.warning("model %s is unavailable: %s", name, reason)
         return ModelSpec(name, config.platform, 0, (), (), (), {}, config, error=reason)
 
+    try:
+        return _read_model(model_dir, name, config, cfg_path, failed)
+    except OSError as e:
+        # Unreadable, or changed under us while being read: listed with the reason.
+        return failed(f"{model_dir}: {e.strerror or e}")
+
+
+def _read_model(
+    model_dir: Path,
+    name: str,
+    config: mc.ModelConfig,
+    cfg_path: Path,
+    failed: Callable[[str], ModelSpec],
+) -> ModelSpec:
     if not cfg_path.is_file():
         return failed(f"{cfg_path} is missing")
     try:
@@ -240,8 +322,9 @@ def read_model(model_dir: Path) -> ModelSpec:
         inputs=inputs,
         outputs=outputs,
         versions=tuple(sorted(artifacts)),
-        artifacts=artifacts,
+        artifacts={v: path for v, (path, _) in artifacts.items()},
         config=config,
+        artifact_sizes={v: size for v, (_, size) in artifacts.items()},
         pinned=pinned,
         declared_bytes=declared,
         min_copies=min_copies,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from modelpool.gpu.repository import ModelRepository, check_model_name, read_model
+from modelpool.gpu.repository import ModelRepository, check_model_name, clip, read_model
 from modelpool.placement.errors import InvalidInput, ModelNotFound, ModelNotReady
 
 BASE = """name: "{name}"
@@ -56,7 +56,7 @@ def test_version_policy(tmp_path: Path, policy: str, expected: tuple[int, ...]) 
     assert spec.resolve_version("") == expected[-1]
     with pytest.raises(ModelNotFound, match="no version 7"):
         spec.resolve_version("7")
-    with pytest.raises(InvalidInput, match="not a number"):
+    with pytest.raises(InvalidInput, match="not a version number"):
         spec.resolve_version("x")
 
 
@@ -129,3 +129,78 @@ def test_modelpool_parameters_pin_and_declared_size(tmp_path: Path) -> None:
         extra='parameters { key: "modelpool.pinned" value { string_value: "maybe" } }',
     )
     assert "modelpool.pinned" in (read_model(d).error or "")
+
+
+def test_artifact_sizes_are_recorded_and_a_deleted_file_never_raises(tmp_path: Path) -> None:
+    """Placement asks every resident model's size on every plan: from the scan, never
+    from the disk, so a file deleted since cannot make a plan fail."""
+    d = _model(tmp_path, "m", versions=(1, 2), extra="version_policy: { all: {} }")
+    (d / "2" / "model.pt").write_bytes(b"x" * (3 << 20))
+    spec = read_model(d)
+    assert spec.artifact_sizes == {1: 10, 2: 3 << 20}
+    assert spec.artifact_bytes(2) == 3 << 20
+    assert spec.estimated_bytes(1) == 1 << 20  # the floor
+    assert spec.estimated_bytes(2) == int((3 << 20) * 1.25)
+    for v in (1, 2):
+        (d / str(v) / "model.pt").unlink()
+    assert spec.artifact_bytes(2) == 3 << 20 and spec.estimated_bytes(2) == int((3 << 20) * 1.25)
+    assert spec.artifact_bytes(7) == 0  # no such version: nothing to reserve
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "a" * 256,
+        "a" * 100_000,
+        "m\n",
+        "m\0",
+        "é",
+        "mlp\u200b",
+        ".",
+        ".hidden",
+        "a/../b",
+        "..%2F",
+        " m",
+    ],
+)
+def test_names_that_cannot_be_directories_are_invalid_input(tmp_path: Path, bad: str) -> None:
+    repo = ModelRepository(tmp_path)
+    with pytest.raises(InvalidInput, match="not allowed") as err:
+        repo.get(bad)
+    assert len(err.value.message) < 200  # a long name is clipped in the message
+    with pytest.raises(InvalidInput):
+        repo.refresh(bad)
+
+
+def test_longest_name_is_well_formed_and_not_found(tmp_path: Path) -> None:
+    # 255 characters is NAME_MAX: asking the file system about it must answer "absent"
+    # (a longer name once raised OSError: File name too long, a 500).
+    with pytest.raises(ModelNotFound):
+        ModelRepository(tmp_path).get("a" * 255)
+
+
+@pytest.mark.parametrize(
+    ("version", "error"),
+    [
+        ("+1", InvalidInput),
+        (" 1", InvalidInput),
+        ("1_0", InvalidInput),
+        ("\u0661", InvalidInput),  # ARABIC-INDIC DIGIT ONE: int() would take it
+        ("-1", InvalidInput),
+        ("9" * 20, ModelNotFound),
+        ("9" * 5000, ModelNotFound),  # int() refuses past 4300 digits
+        ("0", ModelNotFound),
+    ],
+)
+def test_version_strings(tmp_path: Path, version: str, error: type[Exception]) -> None:
+    spec = read_model(_model(tmp_path, "m"))
+    with pytest.raises(error) as err:
+        spec.resolve_version(version)
+    assert len(str(err.value)) < 300
+    assert spec.resolve_version("1") == 1 and spec.resolve_version(1) == 1
+
+
+def test_clip_bounds_client_strings() -> None:
+    assert clip("short") == "short"
+    assert clip("x" * 1000) == "x" * 64 + "...(1000 chars)"
+    assert clip(12345, limit=3) == "123...(5 chars)"
