@@ -10,8 +10,13 @@ GPU does; ``MODELPOOL_FAKE_RETAINED_BYTES`` makes a CPU worker report that it di
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +113,61 @@ async def test_a_model_whose_file_vanished_breaks_no_other_model(tmp_path: Path,
     shutil.copy(tmp_path / "a" / "1" / "model.pt", tmp_path / "gone" / "1" / "model.pt")
     client.load_model("gone")
     np.testing.assert_allclose(infer("gone"), _x() * 2)
+
+
+def _post_infer(url: str, model: str, body: dict, headers: dict | None = None):
+    req = urllib.request.Request(
+        f"http://{url}/v2/models/{model}/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}"), dict(e.headers)
+
+
+def _slow_body(iters: int) -> dict:
+    return {
+        "inputs": [
+            {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 1, 2, 3]},
+            {"name": "iters", "shape": [1, 1], "datatype": "INT64", "data": [iters]},
+        ]
+    }
+
+
+def test_a_client_deadline_is_504_and_a_capacity_wait_is_503(tmp_path: Path, serve) -> None:
+    from tests.modelgen import write_slow
+
+    write_slow(tmp_path, "slow", 10 * MB)
+    write_sized(tmp_path, "other", 10 * MB)
+    server = serve(tmp_path, "--device-memory-budget", "20MB", "--acquire-timeout", "1")
+    url = server.http_url
+    code, doc, _ = _post_infer(url, "slow", _slow_body(1))
+    assert code == 200, doc
+    # The forward takes far longer than the client allows: 504, naming the model.
+    code, doc, headers = _post_infer(url, "slow", _slow_body(20_000), {"Modelpool-Timeout": "0.3"})
+    assert code == 504, doc
+    assert "slow" in doc["error"] and "Retry-After" not in headers
+    # Triton's timeout parameter (microseconds) works the same way.
+    body = {**_slow_body(20_000), "parameters": {"timeout": 300_000}}
+    code, doc, _ = _post_infer(url, "slow", body)
+    assert code == 504, doc
+    # 'other' needs the room 'slow' holds while a long request is in flight: waiting
+    # past --acquire-timeout is a capacity problem, 503 with Retry-After.
+    busy = threading.Thread(
+        target=_post_infer, args=(url, "slow", _slow_body(3000), {"Modelpool-Timeout": "90"})
+    )
+    busy.start()
+    try:
+        until = time.monotonic() + 30
+        while server.metric("modelpool_inflight_requests") < 1 and time.monotonic() < until:
+            time.sleep(0.02)
+        other = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 1, 2, 3]}]}
+        code, doc, headers = _post_infer(url, "other", other)
+        assert code == 503, doc
+        assert "Retry-After" in headers and "other" in doc["error"]
+    finally:
+        busy.join(120)
+    assert server.metric("modelpool_requests_total", model="slow", protocol="http", outcome="deadline") == 2
