@@ -59,6 +59,7 @@ from modelpool.cache.records import (
     Resynced,
     StoreEvent,
     WorkerDown,
+    WorkerRecord,
 )
 from modelpool.cache.store import ResidencyStore
 from modelpool.cache.view import ResidencyView
@@ -121,6 +122,9 @@ class Lease:
     copy: CopyView
     client: WorkerRPC
     cold: bool
+    #: The worker as registered when the lease was made: a restarted worker keeps its
+    #: id (and, over a Unix socket, its address) but not this record.
+    worker: WorkerRecord
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,9 @@ class ManagerConfig:
     #: Loads that may fail with a lost worker or an out-of-memory before a placement
     #: gives up (each failure plans again, elsewhere or with a larger reservation).
     max_load_attempts: int = 3
+    #: How long a loaded copy is held for the request that asked for it before it
+    #: may be evicted unserved (that request gave up, or was served elsewhere).
+    fresh_grace_s: float = 10.0
 
 
 class CopyManager:
@@ -186,6 +193,10 @@ class CopyManager:
         self._claimed: set[CopyKey] = set()
         #: Copies a forward found gone: not routed to until the store speaks of them.
         self._suspect: set[CopyKey] = set()
+        #: Copies loaded but not yet leased (monotonic load time): held for the
+        #: requests that asked for them, or two placements could evict each other's
+        #: copies before either served, and the pool would load without serving.
+        self._fresh: dict[CopyKey, float] = {}
         self._placements: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._loads: dict[CopyKey, asyncio.Task[None]] = {}
         self._draining: set[str] = set()
@@ -212,6 +223,7 @@ class CopyManager:
             for key in before - set(self.view.copies):
                 self._last_used.pop(key, None)
                 self._suspect.discard(key)
+                self._fresh.pop(key, None)
         elif isinstance(event, CopyUpserted):
             self._suspect.discard(event.copy.key)
         self._notify()
@@ -228,10 +240,22 @@ class CopyManager:
 
     # -- reading -----------------------------------------------------------------------
     def merged(self, copy: CopyView) -> CopyView:
-        """A stored copy with this gateway's in-flight count and latest use."""
+        """A stored copy with this gateway's in-flight count and latest use. A fresh
+        copy (loaded, not yet leased) counts one request in flight: the one it was
+        loaded for, so no plan evicts it first."""
         key = copy.key
         last = max(copy.last_used, self._last_used.get(key, 0.0))
-        return dataclasses.replace(copy, inflight=self._inflight.get(key, 0), last_used=last)
+        inflight = self._inflight.get(key, 0) + (1 if self._is_fresh(key) else 0)
+        return dataclasses.replace(copy, inflight=inflight, last_used=last)
+
+    def _is_fresh(self, key: CopyKey) -> bool:
+        loaded = self._fresh.get(key)
+        if loaded is None:
+            return False
+        if time.monotonic() - loaded > self.config.fresh_grace_s:
+            del self._fresh[key]  # nobody came for it: an ordinary idle copy
+            return False
+        return True
 
     def copies(self) -> list[CopyView]:
         """Every copy with a live worker, as this gateway sees it."""
@@ -270,7 +294,9 @@ class CopyManager:
         self._last_used[copy.key] = time.time()
         lease_id = next(self._lease_ids)
         self._leases[lease_id] = copy.key
-        return Lease(lease_id, copy, self.clients.get(worker.worker_id, worker.address), cold)
+        self._fresh.pop(copy.key, None)  # served: an ordinary copy from now on
+        client = self.clients.get(worker.worker_id, worker.address)
+        return Lease(lease_id, copy, client, cold, worker)
 
     def release(self, lease: Lease) -> None:
         key = self._leases.pop(lease.lease_id, None)
@@ -348,25 +374,27 @@ class CopyManager:
         self._suspect.add(key)
         self._notify()
         worker = self.view.workers.get(lease.copy.worker_id)
-        if not worker_gone or worker is None or worker.address != lease.client.address:
+        if not worker_gone or worker != lease.worker:
             with contextlib.suppress(ModelpoolError):
                 await self.store.remove_copy(key)
             return
-        await self._check_worker(worker.worker_id, lease.client)
+        await self._check_worker(lease.worker, lease.client)
 
-    async def _check_worker(self, worker_id: str, client: WorkerRPC) -> None:
-        """Drop a worker from the store if it does not answer a status call."""
+    async def _check_worker(self, seen: WorkerRecord, client: WorkerRPC) -> None:
+        """Drop the worker ``seen`` from the store if it does not answer a status
+        call, unless it has been replaced meanwhile: a restarted worker registers a new
+        record under the same id (and, over a Unix socket, the same address), and
+        removing that would lose a healthy worker for good."""
         try:
             await client.status(timeout_s=1.0)
             return  # it answers: only one call's connection failed
         except ModelpoolError:
             pass
-        worker = self.view.workers.get(worker_id)
-        if worker is None or worker.address != client.address:
+        if self.view.workers.get(seen.worker_id) != seen:
             return
         with contextlib.suppress(ModelpoolError):
-            dropped = await self.store.remove_worker(worker_id)
-            self.clients.drop(worker_id)
+            dropped = await self.store.remove_worker(seen.worker_id)
+            self.clients.drop(seen.worker_id)
             for c in dropped:
                 self.metrics.evictions.labels(c.model, "worker_lost").inc()
 
@@ -493,7 +521,11 @@ class CopyManager:
         still finish (a timeout, a cancellation) is unloaded there, so no copy ever
         outlives its reservation."""
         model, version, worker_id = reservation.key
-        worker = self.view.workers[worker_id]
+        worker = self.view.workers.get(worker_id)
+        if worker is None:  # it went between the reservation and this task
+            with contextlib.suppress(ModelpoolError):
+                await self.store.remove_copy(reservation.key)
+            raise WorkerUnavailable(f"model '{model}': worker {worker_id} went before the load")
         client = self.clients.get(worker_id, worker.address)
         started = time.monotonic()
         try:
@@ -527,9 +559,10 @@ class CopyManager:
                 mtime = self._artifact_mtime(model, version)
                 self.failures[(model, version)] = LoadFailure(e.message, mtime)
             if isinstance(e, WorkerUnavailable):
-                await self._check_worker(worker_id, client)
+                await self._check_worker(worker, client)
             log.warning("load failed model=%s worker=%s: %s", model, worker_id, e)
             raise
+        self._fresh[reservation.key] = time.monotonic()
         elapsed = time.monotonic() - started
         self.metrics.loads.labels(model, "success").inc()
         self.metrics.load_duration.labels(model).observe(elapsed)
@@ -541,8 +574,10 @@ class CopyManager:
         )  # fmt: skip
 
     async def _unload_orphan(self, client: WorkerRPC, model: str, version: int) -> None:
-        with contextlib.suppress(ModelpoolError):
+        try:
             await client.unload(model, version, timeout_s=self.config.unload_timeout_s)
+        except ModelpoolError as e:
+            log.info("orphan unload of model=%s on %s skipped: %s", model, client.worker_id, e)
 
     def admit_bytes(self, device_id: str) -> int:
         """What our copies may commit on a device: up to the high watermark, less what
@@ -565,6 +600,7 @@ class CopyManager:
                 or copy.state != CopyState.READY
                 or copy.key in self._claimed
                 or self._inflight.get(copy.key, 0)
+                or self._is_fresh(copy.key)
                 or copy.worker_id in self._draining
             ):
                 return None
@@ -788,6 +824,9 @@ class CopyManager:
         for key in self._claimed:
             if key not in self.view.copies:
                 errors.append(f"claim kept for gone copy {key}")
+        for key in self._fresh:
+            if key not in self.view.copies:
+                errors.append(f"fresh mark kept for gone copy {key}")
         return errors
 
     # -- lifecycle ---------------------------------------------------------------------

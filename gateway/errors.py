@@ -6,6 +6,8 @@ The table itself is the ``http_status``/``grpc_code`` attributes of each class i
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from modelpool.placement.errors import ModelpoolError, Unavailable
@@ -22,6 +24,8 @@ def grpc_status(err: ModelpoolError) -> grpc.StatusCode:
 
 def outcome_of(err: BaseException) -> str:
     """The ``outcome`` label of modelpool_requests_total for a failed request."""
+    if isinstance(err, asyncio.CancelledError):
+        return "cancelled"  # the client went away (or the gateway is stopping)
     if not isinstance(err, ModelpoolError):
         return "error"
     status = err.http_status

@@ -96,6 +96,10 @@ class WorkerClient:
             return await method(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as e:
             raise translate(e, self.worker_id, what, timeout_s) from None
+        except grpc.aio.UsageError:  # the channel was closed: its worker was replaced
+            raise errors.WorkerUnavailable(
+                f"{what}: worker {self.worker_id}'s channel is closed"
+            ) from None
 
     async def infer(self, request: pb.ModelInferRequest, timeout_s: float) -> pb.ModelInferResponse:
         return await self._call(

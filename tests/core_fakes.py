@@ -127,6 +127,7 @@ class Core:
     metrics: Metrics
     registry: CollectorRegistry
     repo: Path
+    pids: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def worker(self, worker_id: str) -> FakeWorker:
         return self.pool.workers[worker_id]
@@ -137,8 +138,13 @@ class Core:
         await self.store.remove_worker(worker_id)
 
     async def restart_worker(self, worker_id: str) -> None:
+        """A new process under the same id and address (a Unix socket path is reused),
+        told apart only by its pid."""
         self.worker(worker_id).restart()
-        await self.store.register_worker(WorkerRecord(worker_id, f"fake:{worker_id}", DEVICE, "n"))
+        self.pids[worker_id] = self.pids.get(worker_id, 1) + 1
+        await self.store.register_worker(
+            WorkerRecord(worker_id, f"fake:{worker_id}", DEVICE, "n", self.pids[worker_id])
+        )
 
     def stored(self) -> dict[tuple[str, int, str], Any]:
         return {c.key: c for c in self.manager.view.copies.values()}
@@ -190,7 +196,7 @@ async def make_core(
         ModelRepository(repo), store, ResidencyView(), pool, metrics, ManagerConfig(**config)
     )
     for w in pool.workers:
-        await store.register_worker(WorkerRecord(w, f"fake:{w}", DEVICE, "n"))
+        await store.register_worker(WorkerRecord(w, f"fake:{w}", DEVICE, "n", 1))
     await store.put_device(DeviceRecord(DEVICE, total_bytes))
     return Core(manager, store, pool, metrics, registry, repo)
 

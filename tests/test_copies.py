@@ -153,6 +153,47 @@ async def test_a_worker_lost_mid_load_places_the_copy_elsewhere(tmp_path: Path) 
     assert core.orphans() == [] and m.invariant_errors() == []
 
 
+async def test_a_failed_load_never_drops_the_worker_that_replaced_the_dead_one(
+    tmp_path: Path,
+) -> None:
+    """The soak's lost worker: a load to a dead process fails after its replacement
+    registered under the same id and address; the check must not remove the new one."""
+    core = await make_core(tmp_path, {"a": 100}, max_load_attempts=1)
+    m, w1 = core.manager, core.worker("w1")
+    gate = w1.gate("a")
+    waiter = asyncio.create_task(m.acquire("a", 1, soon(2)))
+    await w1.load_started.wait()
+    await core.lose_worker("w1")
+    await core.restart_worker("w1")  # new record (pid 2), same address
+    w1.alive = False  # the old channel still fails, status included
+    gate.set()
+    with pytest.raises(Unavailable):
+        await waiter
+    assert "w1" in m.view.workers and m.view.workers["w1"].pid == 2
+    w1.alive = True
+    w1.gates.clear()
+    lease = await m.acquire("a", 1, soon())
+    assert lease.worker.pid == 2
+    m.release(lease)
+
+
+async def test_a_loaded_copy_is_held_for_the_request_that_asked(tmp_path: Path) -> None:
+    """A placement's copy is not evicted before a request has leased it: otherwise two
+    cold models that each need the other's room evict each other's fresh copies and
+    the pool loads without serving (the CPU soak saw copies live 0.1 s)."""
+    core = await make_core(tmp_path, {"a": 600, "b": 600}, fresh_grace_s=60)
+    m = core.manager
+    await m._placement("a", 1)  # placed; its waiter has not resumed yet
+    copy = m.view.copies[("a", 1, "w1")]
+    assert not await m.evict(copy, reason="capacity")
+    b = asyncio.create_task(m.acquire("b", 1, soon(0.2)))
+    with pytest.raises(Unavailable):
+        await b  # b waits for room rather than evicting a's unserved copy
+    lease = await m.acquire("a", 1, soon())  # the request it was loaded for
+    m.release(lease)
+    assert await m.evict(m.view.copies[("a", 1, "w1")], reason="capacity")
+
+
 async def test_a_worker_lost_with_leases_out_keeps_the_books_straight(tmp_path: Path) -> None:
     core = await make_core(tmp_path, {"a": 100})
     m = core.manager
