@@ -424,6 +424,9 @@ class CopyManager:
         failures = 0
         async with self.store.load_lock(model, version, timeout_s=limit) as fence:
             while True:
+                # Every round yields: a plan that cannot progress (a reservation the
+                # store refuses, a victim that will not go) must never spin the loop.
+                await asyncio.sleep(0)
                 if self._routable_copies(model, version):
                     return
                 if deadline.expired():
@@ -440,8 +443,11 @@ class CopyManager:
                     if isinstance(plan, pol.Load):
                         claimed = self._claim(plan.evict)
                         if claimed is None:
-                            continue  # a victim got a request meanwhile: plan again
-                        victims = claimed
+                            # A victim got a request meanwhile: plan again once
+                            # something changed.
+                            plan = pol.Wait(plan.evict[0])
+                        else:
+                            victims = claimed
                 match plan:
                     case pol.Reject(reason=reason, retryable=False):
                         raise DoesNotFit(reason)
@@ -456,7 +462,10 @@ class CopyManager:
                         await self._wait_change(deadline.capped(1.0))
                     case pol.Load():
                         try:
-                            await self._execute(model, version, plan, victims, fence)
+                            if not await self._execute(model, version, plan, victims, fence):
+                                # No progress (the store refused the reservation, or a
+                                # victim would not go): wait for the world to move.
+                                await self._wait_change(deadline.capped(1.0))
                         except (OutOfMemory, WorkerUnavailable) as e:
                             failures += 1
                             if failures >= self.config.max_load_attempts:
@@ -468,20 +477,20 @@ class CopyManager:
 
     async def _execute(
         self, model: str, version: int, plan: pol.Load, victims: list[CopyView], fence: int
-    ) -> None:
-        """Unload the claimed victims, reserve, load. Returns early (the caller plans
-        again) when a victim would not go or the device filled up meanwhile."""
+    ) -> bool:
+        """Unload the claimed victims, reserve, load. False, early, when a victim would
+        not go or the store refused the reservation (the caller plans again)."""
         try:
             for victim in victims:
                 if not await self._unload_claimed(victim, reason="capacity"):
-                    return
+                    return False
         finally:
             for victim in victims:
                 self._claimed.discard(victim.key)
             self._notify()
         worker = self.view.workers.get(plan.worker_id)
         if worker is None or worker.worker_id in self._draining:
-            return
+            return False
         now = time.time()
         reservation = CopyView(
             model=model,
@@ -492,10 +501,12 @@ class CopyManager:
             last_used=now,
             loaded_at=now,
         )
-        if await self.store.reserve(
+        if not await self.store.reserve(
             reservation, plan.device_id, self.admit_bytes(plan.device_id), fence=fence
         ):
-            await self._load_copy(reservation)
+            return False
+        await self._load_copy(reservation)
+        return True
 
     async def _load_copy(self, reservation: CopyView) -> None:
         """Run the load of one reserved copy as its own task, keyed by the copy, and
@@ -802,10 +813,11 @@ class CopyManager:
                 DeviceView(d.device_id, int(d.total_bytes * high), d.used_other_bytes)
                 for d in self.view.devices.values()
             ),
+            # A draining worker's copies still hold memory: it stays in the view,
+            # not accepting, so its bytes count and no load goes there.
             workers=tuple(
-                WorkerView(w.worker_id, w.device_id)
+                WorkerView(w.worker_id, w.device_id, w.worker_id not in self._draining)
                 for w in self.view.workers.values()
-                if w.worker_id not in self._draining
             ),
             copies=tuple(copies),
             models=infos,

@@ -30,8 +30,12 @@ class DeviceView:
 
 @dataclass(frozen=True)
 class WorkerView:
+    """A live worker. One that is not ``accepting`` (being drained for a restart)
+    still holds its copies' memory on its device but takes no new copies."""
+
     worker_id: str
     device_id: str
+    accepting: bool = True
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ def plan_by_value(view: ClusterView, req: PlacementRequest, value: ValueFn) -> P
         return plan
     best: tuple[tuple[float, float, int], DeviceView, tuple[CopyView, ...]] | None = None
     for d in view.devices:
-        if not any(w.device_id == d.device_id for w in view.workers):
+        if not any(w.device_id == d.device_id and w.accepting for w in view.workers):
             continue
         victims = value_victims(d, plan.reserve_bytes, view, req, value)
         if victims is None:

@@ -142,7 +142,9 @@ def plan_lru(view: ClusterView, req: PlacementRequest) -> Plan:
         return Reject(f"model '{req.model}' is not known to placement", retryable=False)
     need = info.need_bytes
     live_devices = [
-        d for d in view.devices if any(w.device_id == d.device_id for w in view.workers)
+        d
+        for d in view.devices
+        if any(w.device_id == d.device_id and w.accepting for w in view.workers)
     ]
     if not live_devices:
         return Reject("no worker is running", retryable=True)
@@ -182,7 +184,7 @@ def plan_lru(view: ClusterView, req: PlacementRequest) -> Plan:
 
 
 def _least_loaded_worker(view: ClusterView, device_id: str) -> str:
-    counts = {w.worker_id: 0 for w in view.workers if w.device_id == device_id}
+    counts = {w.worker_id: 0 for w in view.workers if w.device_id == device_id and w.accepting}
     for c in view.copies:
         if c.worker_id in counts:
             counts[c.worker_id] += 1

@@ -95,7 +95,7 @@ def _room_for(view: ClusterView, model: str, copies: list[CopyView]) -> tuple[st
         if free < need:
             continue
         for w in view.workers:
-            if w.device_id != d.device_id or w.worker_id in holders:
+            if w.device_id != d.device_id or w.worker_id in holders or not w.accepting:
                 continue
             score = (d.device_id in devices_with_copy, -free)
             if best is None or score < best[0]:

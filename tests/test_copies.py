@@ -337,3 +337,42 @@ async def test_close_cancels_loads_and_leaves_no_reservation(tmp_path: Path) -> 
     with pytest.raises((Unavailable, asyncio.CancelledError, WorkerUnavailable)):
         await waiter
     assert core.stored() == {}
+
+
+async def test_a_draining_workers_copies_still_count_and_nothing_spins(tmp_path: Path) -> None:
+    """The first e2e recycle run froze the gateway for 120 s: the plan left a draining
+    worker's copies out of the device's bytes, the store refused every reservation,
+    and the placement re-planned without ever yielding."""
+    core = await make_core(tmp_path, {"a": 600, "b": 600}, workers=["w1", "w2"])
+    m = core.manager
+    release_recycle = asyncio.Event()
+
+    async def recycler(worker_id: str) -> None:
+        await release_recycle.wait()
+
+    m.recycler = recycler
+    lease = await m.acquire("a", 1, soon())
+    assert lease.copy.worker_id == "w1"
+    assert m.request_recycle("w1", "retained_memory")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    tick = asyncio.create_task(ticker())
+    try:
+        # a's 600 bytes are still on the device: b (600 of 1000) cannot be placed.
+        with pytest.raises(Unavailable):
+            await m.acquire("b", 1, Deadline.after(0.3, client_set=False))
+        assert ticks >= 10  # the event loop kept running meanwhile
+        assert ("b", 1) not in core.worker("w2").held
+    finally:
+        tick.cancel()
+        m.release(lease)
+        release_recycle.set()
+        await settle(core)
+    lease = await m.acquire("b", 1, soon())
+    m.release(lease)
