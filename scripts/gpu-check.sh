@@ -1,28 +1,47 @@
 #!/usr/bin/env bash
 # The GPU checks, as run on a lent GPU machine (no package index there): the GPU
-# tests, then the cold-start and gateway-overhead benchmarks on cuda:0. Wheels the
+# tests, then the cold-start, gateway-overhead and batching benchmarks on cuda:0, then
+# the soak (SOAK_DURATION seconds of traffic, default 300; 0 skips it). Wheels the
 # image lacks travel in .whl/ (see docs/performance.md, "GPU runs"). Results go to
-# $OUT (or ./gpu-out).
+# $OUT (or ./gpu-out). A device call runs at most 10 minutes: run it in two calls,
+# PART=checks (tests and benchmarks, ~8 min) then PART=soak (~9 min); PART=all does both.
 set -uo pipefail
+PART=${PART:-all}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
+# modelpool is not installed there: its folders import as modelpool.<folder>
+# (setuptools package-dir), so a tree of links gives them that name, as for mypy.
+mkdir -p build/gpu-path/modelpool
+for p in gateway placement gpu cache loadtests; do ln -sfn "../../../$p" "build/gpu-path/modelpool/$p"; done
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD/build/gpu-path:$PWD
 else
-  export PYTHONPATH=$PWD
+  export PYTHONPATH=$PWD/build/gpu-path:$PWD
 fi
 export PYTHONUNBUFFERED=1
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, grpc, google.protobuf as p; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'grpc', grpc.__version__, 'protobuf', p.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
-echo "== pytest -m modelpool.gpu"
-timeout 240 python3 -m pytest -m modelpool.gpu tests/test_gpu.py -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
+if [ "$PART" != soak ]; then
+echo "== pytest -m gpu"
+timeout 240 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
 echo "== cold start on cuda:0"
 timeout 150 python3 -m modelpool.loadtests.cold_start --device cuda:0 --sizes 64,256,1024 --repeats 3 --out "$OUT/cold_start_gpu.json" 2>&1 | grep -v "^  " | tee "$OUT/cold_start_gpu.txt"
 echo "== gateway overhead on cuda:0"
 timeout 120 python3 -m modelpool.loadtests.gateway_overhead --requests 1000 --serve-arg=--devices --serve-arg=cuda:0 --out "$OUT/overhead_gpu.json" 2>&1 | grep -v rounds | tee "$OUT/overhead_gpu.txt"
 echo "== dynamic batching on cuda:0"
 timeout 120 python3 -m modelpool.loadtests.batching --requests 3000 --concurrency 32 --model-size-mb 256 --serve-arg=--devices --serve-arg=cuda:0 --out "$OUT/batching_gpu.json" 2>&1 | grep -v "^  " | tee "$OUT/batching_gpu.txt"
+fi
+SOAK_DURATION=${SOAK_DURATION:-300}
+if [ "$PART" != checks ] && [ "$SOAK_DURATION" != 0 ]; then
+  # 24 MLPs of 32-512 MB (about 4.7 GB, 3.5x a 1.25 GiB budget), Zipf 1.1 at 80 rps with
+  # a 10 s client deadline; a foreign process takes half the budget's share of the GPU
+  # at 30%, a worker gets kill -9 at 60%. The timeout covers writing the models (~1 min),
+  # starting serve and draining.
+  echo "== soak on cuda:0, $SOAK_DURATION s"
+  timeout -k 60 $((SOAK_DURATION + 240)) python3 -m modelpool.loadtests.soak --device cuda:0 --sizes-mb 32,64,128,256,512 --count 24 --budget 1.25GiB --rate 80 --duration "$SOAK_DURATION" --deadline-s 10 --out "$OUT/soak_gpu.json" 2>&1 | grep -v "^  " | tee "$OUT/soak_gpu.txt"
+  gzip -f "$OUT/soak_gpu.serve.log" 2>/dev/null
+fi

@@ -2,7 +2,7 @@
 # Installs modelpool with its test tools and the services the tests start
 # (redis-server, promtool) and the peer it is compared with (Ray Serve), then
 # runs lint, types and the test suite.
-# Extra arguments go to pytest, e.g. ./scripts/test.sh -m modelpool.gpu
+# Extra arguments go to pytest, e.g. ./scripts/test.sh -m gpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="[test,plots,peers]" source scripts/bootstrap.sh
