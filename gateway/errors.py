@@ -10,7 +10,7 @@ import asyncio
 
 import grpc
 
-from modelpool.placement.errors import ModelpoolError, Unavailable
+from modelpool.placement.errors import ModelpoolError, RateLimited, Unavailable
 
 
 def status_of(err: ModelpoolError) -> tuple[int, grpc.StatusCode]:
@@ -33,6 +33,8 @@ def outcome_of(err: BaseException) -> str:
         return "unavailable"
     if status == 504:
         return "deadline"
+    if status == 429:
+        return "rate_limited"
     if status < 500:
         return "client_error"
     return "error"
@@ -40,6 +42,6 @@ def outcome_of(err: BaseException) -> str:
 
 def retry_after(err: ModelpoolError) -> float | None:
     """Seconds for a Retry-After header; None where waiting will not help."""
-    if isinstance(err, Unavailable):
+    if isinstance(err, Unavailable | RateLimited):
         return err.retry_after_s
     return None

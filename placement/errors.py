@@ -74,6 +74,22 @@ class DeadlineExceeded(ModelpoolError):
     grpc_code = "DEADLINE_EXCEEDED"
 
 
+class RateLimited(ModelpoolError):
+    """A tenant is over its request rate or its requests in flight: HTTP 429 with
+    Retry-After, gRPC RESOURCE_EXHAUSTED. Only that tenant waits; the pool is fine.
+
+    Args:
+        retry_after_s: seconds until the tenant may send again.
+    """
+
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class DoesNotFit(ModelpoolError):
     """The model is larger than any device could ever hold. HTTP 503, no Retry-After:
     waiting will not help. gRPC RESOURCE_EXHAUSTED."""
