@@ -14,6 +14,8 @@ key                             type    content
 ``{ns}:v1:devices``             hash    device id -> DeviceRecord JSON (last measurement)
 ``{ns}:v1:lock:{model}:{ver}``  string  fencing token of the load-lock holder (expires)
 ``{ns}:v1:fence``               string  counter the fencing tokens come from
+``{ns}:v1:gateways``            zset    gateway id -> expiry (epoch seconds); live ones
+                                        are counted to split tenant limits
 ``{ns}:v1:events``              pubsub  every change, JSON with an ``origin`` id
 ==============================  ======  ===================================================
 
@@ -123,6 +125,7 @@ class Keys:
         self.lastused = f"{p}:lastused"
         self.devices = f"{p}:devices"
         self.fence = f"{p}:fence"
+        self.gateways = f"{p}:gateways"
         self.events = f"{p}:events"
         self._worker = f"{p}:worker:"
         self._lock = f"{p}:lock:"
@@ -292,6 +295,15 @@ class RedisStore(ResidencyStore):
         return await self._io("snapshot", read())
 
     # -- workers -----------------------------------------------------------------------
+    async def gateway_heartbeat(self, gateway_id: str, ttl_s: float) -> int:
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zadd(self.keys.gateways, {gateway_id: now + ttl_s})
+        pipe.zremrangebyscore(self.keys.gateways, "-inf", now)
+        pipe.zcard(self.keys.gateways)
+        results = await self._io("gateway heartbeat", pipe.execute())
+        return max(1, int(results[-1]))
+
     async def register_worker(self, worker: WorkerRecord) -> None:
         await self.heartbeat(worker)
 

@@ -68,6 +68,11 @@ class ResidencyStore(ABC):
         """Remove workers whose heartbeat lapsed; returns their ids. Shared stores only."""
         return []
 
+    async def gateway_heartbeat(self, gateway_id: str, ttl_s: float) -> int:
+        """Say this gateway is alive for ``ttl_s`` more seconds; returns how many
+        gateways are alive (this one included). One gateway per process here."""
+        return 1
+
     @abstractmethod
     async def register_worker(self, worker: WorkerRecord) -> None: ...
 

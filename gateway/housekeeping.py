@@ -28,6 +28,7 @@ from modelpool.cache.store import ResidencyStore
 from modelpool.cache.view import ResidencyView
 from modelpool.gateway.copies import CopyManager, WorkerPool
 from modelpool.gateway.deadlines import Deadline
+from modelpool.gateway.limits import TenantLimiter
 from modelpool.gpu.protocol import DeviceMemory
 from modelpool.placement.errors import ModelpoolError
 from modelpool.placement.pressure import pressure_victims
@@ -68,6 +69,9 @@ class Housekeeper:
         manager: CopyManager,
         replication: ReplicationConfig | None,
         min_residency_s: float,
+        limiter: TenantLimiter | None = None,
+        gateway_id: str = "",
+        poll_interval_s: float = 1.0,
     ) -> None:
         self.store = store
         self.view = view
@@ -80,11 +84,15 @@ class Housekeeper:
         self._last_tick = time.monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
         self._preloading: set[tuple[str, int]] = set()
+        self.limiter = limiter
+        self.gateway_id = gateway_id
+        self.poll_interval_s = poll_interval_s
 
     async def tick(self) -> None:
         """One round of every step; a step that fails is logged and skipped."""
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("reap", self.store.reap_expired),
+            ("gateways", self.count_gateways),
             ("devices", self.refresh_devices),
             ("pressure", self.relieve_pressure),
             ("removed models", self.retire_removed),
@@ -102,6 +110,13 @@ class Housekeeper:
                 log.warning("housekeeping step %s failed: %s", name, e)
             except Exception:
                 log.exception("housekeeping step %s failed", name)
+
+    async def count_gateways(self) -> None:
+        """Heartbeat this gateway and split tenant limits across the live ones."""
+        if self.limiter is None or not self.gateway_id:
+            return
+        live = await self.store.gateway_heartbeat(self.gateway_id, 3 * self.poll_interval_s)
+        self.limiter.set_share(1.0 / live)
 
     @staticmethod
     def _async(fn: Callable[[], None]) -> Callable[[], Awaitable[None]]:

@@ -101,6 +101,11 @@ class TenantLimiter:
                 bucket.updated = old.updated
                 self._buckets[name] = bucket
 
+    def set_share(self, share: float) -> None:
+        """This gateway's part of every limit (1 / live gateways)."""
+        if abs(share - self.share) > 1e-9:
+            self.configure(self._limits, share)
+
     def _bucket_for(self, name: str) -> TokenBucket | None:
         limits = self._limits.get(name)
         if limits is None or limits.rate_rps is None:

@@ -250,3 +250,15 @@ async def test_redis_urls_with_password_db_and_tls(tmp_path: Path, kind: str) ->
     finally:
         await store.close()
         server.stop()
+
+
+async def test_gateways_are_counted_while_they_heartbeat(make_store, request) -> None:
+    a, b = make_store(), make_store()
+    assert await a.gateway_heartbeat("g1", ttl_s=0.3) == 1
+    second = await b.gateway_heartbeat("g2", ttl_s=30)
+    if isinstance(a, InMemoryStore):
+        assert second == 1  # one process, one gateway
+        return
+    assert second == 2
+    await asyncio.sleep(0.4)  # g1 stopped heartbeating: past its expiry
+    assert await b.gateway_heartbeat("g2", ttl_s=30) == 1
