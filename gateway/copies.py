@@ -75,11 +75,13 @@ from modelpool.placement.errors import (
     ModelLoadError,
     ModelpoolError,
     OutOfMemory,
+    QuotaExceeded,
     Unavailable,
     WorkerUnavailable,
 )
 from modelpool.placement.policies import Evicted, Loaded, PolicyState, Requested, make_policy
 from modelpool.placement.pressure import Watermarks
+from modelpool.placement.quota import quota_used, quota_victims
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,19 @@ Recycler = Callable[[str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
+class Quota:
+    """A tenant's device-memory quota over its private models (``owns``), in bytes."""
+
+    tenant: str
+    limit_bytes: int
+    owns: Callable[[str], bool]
+
+
+#: The quota a model counts against, or None (shared, or its tenant has no quota).
+QuotaLookup = Callable[[str], Quota | None]
+
+
+@dataclass(frozen=True)
 class Lease:
     """A copy one request may use. Give it back with ``CopyManager.release`` once;
     a second release is ignored."""
@@ -125,6 +140,13 @@ class Lease:
     #: The worker as registered when the lease was made: a restarted worker keeps its
     #: id (and, over a Unix socket, its address) but not this record.
     worker: WorkerRecord
+
+
+@dataclass(frozen=True)
+class _MakeQuotaRoom:
+    """Evict these copies of the same tenant before planning the load."""
+
+    evict: tuple[CopyView, ...]
 
 
 @dataclass(frozen=True)
@@ -174,6 +196,7 @@ class CopyManager:
         config: ManagerConfig | None = None,
         policy: PolicyState | None = None,
         recycler: Recycler | None = None,
+        quota_of: QuotaLookup | None = None,
     ) -> None:
         self.repository = repository
         self.store = store
@@ -185,6 +208,8 @@ class CopyManager:
         self.policy: PolicyState = policy or make_policy("lru")
         #: Set once by ``modelpool serve`` (its supervisor); None: recycling is off.
         self.recycler = recycler
+        #: Tenants' device-memory quotas (from the auth config); None: no quotas.
+        self.quota_of = quota_of
         # -- owned state: see the module docstring for who writes what --
         self._leases: dict[int, CopyKey] = {}
         self._lease_ids = itertools.count(1)
@@ -436,11 +461,18 @@ class CopyManager:
                         retry_after_s=CAPACITY_RETRY_AFTER_S,
                     )
                 async with self._plan_lock:
-                    plan = self.policy.plan(
-                        self.cluster_view(model, version), self._request(model, version)
-                    )
+                    view = self.cluster_view(model, version)
+                    request = self._request(model, version)
+                    over = self._over_quota(model, view, request)
+                    plan = over if over is not None else self.policy.plan(view, request)
                     victims: list[CopyView] = []
-                    if isinstance(plan, pol.Load):
+                    if isinstance(plan, _MakeQuotaRoom):
+                        claimed = self._claim(plan.evict)
+                        if claimed is None:
+                            plan = pol.Wait(plan.evict[0])
+                        else:
+                            victims = claimed
+                    elif isinstance(plan, pol.Load):
                         claimed = self._claim(plan.evict)
                         if claimed is None:
                             # A victim got a request meanwhile: plan again once
@@ -449,6 +481,14 @@ class CopyManager:
                         else:
                             victims = claimed
                 match plan:
+                    case _MakeQuotaRoom():
+                        try:
+                            for victim in victims:
+                                await self._unload_claimed(victim, reason="quota")
+                        finally:
+                            for victim in victims:
+                                self._claimed.discard(victim.key)
+                            self._notify()
                     case pol.Reject(reason=reason, retryable=False):
                         raise DoesNotFit(reason)
                     case pol.Reject(reason=reason) if not self.view.workers and not self._draining:
@@ -474,6 +514,33 @@ class CopyManager:
                                 # The estimate was short: ask for half as much again.
                                 need = int(plan.reserve_bytes * 1.5)
                                 self.measured[(model, version)] = (need, self.config.load_timeout_s)
+
+    def _over_quota(
+        self, model: str, view: ClusterView, request: pol.PlacementRequest
+    ) -> _MakeQuotaRoom | None:
+        """None when the model counts against no quota or fits in its tenant's; the
+        tenant's own copies to evict when that makes room.
+
+        Raises:
+            QuotaExceeded: nothing of the tenant's can make room now.
+        """
+        quota = self.quota_of(model) if self.quota_of is not None else None
+        if quota is None:
+            return None
+        info = view.models[model]
+        victims = quota_victims(
+            view, quota.owns, info.need_bytes, quota.limit_bytes, request,
+            self.policy.eviction_rank(view, request.now),
+        )  # fmt: skip
+        if victims is None:
+            used = quota_used(view, quota.owns)
+            raise QuotaExceeded(
+                f"model '{model}' needs {info.need_bytes} bytes; tenant '{quota.tenant}' "
+                f"holds {used} of its {quota.limit_bytes}-byte device memory quota and none "
+                "of its idle copies can make room",
+                retry_after_s=CAPACITY_RETRY_AFTER_S,
+            )
+        return _MakeQuotaRoom(victims) if victims else None
 
     async def _execute(
         self, model: str, version: int, plan: pol.Load, victims: list[CopyView], fence: int

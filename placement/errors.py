@@ -29,6 +29,23 @@ class InvalidInput(ModelpoolError):
     grpc_code = "INVALID_ARGUMENT"
 
 
+class Unauthenticated(ModelpoolError):
+    """No credentials, or a key no tenant holds. HTTP 401 (with ``WWW-Authenticate:
+    Bearer``), gRPC UNAUTHENTICATED. The message never repeats the key."""
+
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ModelpoolError):
+    """A known tenant asked for an admin call (repository load/unload, status,
+    statistics of every model). HTTP 403, gRPC PERMISSION_DENIED. A model a tenant may
+    not see is ``ModelNotFound`` instead, so that its existence does not leak."""
+
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
+
+
 class ModelNotFound(ModelpoolError):
     """No such model, or no such version, in the repository. HTTP 404."""
 
@@ -88,6 +105,12 @@ class RateLimited(ModelpoolError):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class QuotaExceeded(RateLimited):
+    """A tenant's private models would hold more device memory than its quota, and
+    none of its own copies can make room now: HTTP 429 with Retry-After (its busy
+    copies may go idle), gRPC RESOURCE_EXHAUSTED."""
 
 
 class DoesNotFit(ModelpoolError):

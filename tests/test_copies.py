@@ -376,3 +376,32 @@ async def test_a_draining_workers_copies_still_count_and_nothing_spins(tmp_path:
         await settle(core)
     lease = await m.acquire("b", 1, soon())
     m.release(lease)
+
+
+async def test_a_tenant_quota_evicts_its_own_copies_first_then_refuses(tmp_path: Path) -> None:
+    from modelpool.gateway.copies import Quota
+    from modelpool.placement.errors import QuotaExceeded
+
+    sizes = {"acme-a": 300, "acme-b": 300, "acme-c": 300, "shared": 300}
+    core = await make_core(tmp_path, sizes, total_bytes=2000)
+    m = core.manager
+    acme = Quota("acme", 600, lambda name: name.startswith("acme-"))
+    m.quota_of = lambda name: acme if acme.owns(name) else None
+    m.release(await m.acquire("shared", 1, soon()))  # shared: counts against no quota
+    m.release(await m.acquire("acme-a", 1, soon()))
+    m.release(await m.acquire("acme-b", 1, soon()))
+    # acme-c would make 900 > 600: acme's least recently used own copy goes, not
+    # 'shared', although the device has room for all.
+    m.release(await m.acquire("acme-c", 1, soon()))
+    held = set(core.worker("w1").held)
+    assert ("acme-a", 1) not in held and {("acme-b", 1), ("acme-c", 1), ("shared", 1)} <= held
+    assert core.metric("modelpool_model_evictions_total", model="acme-a", reason="quota") == 1
+    # With both of acme's copies busy, nothing of its own can make room: 429.
+    b = await m.acquire("acme-b", 1, soon())
+    c = await m.acquire("acme-c", 1, soon())
+    with pytest.raises(QuotaExceeded, match="acme") as err:
+        await m.acquire("acme-a", 1, soon())
+    assert err.value.http_status == 429 and err.value.retry_after_s > 0
+    m.release(b)
+    m.release(c)
+    assert m.invariant_errors() == []
