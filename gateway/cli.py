@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 from modelpool.gateway.config import GatewayConfig
 from modelpool.placement.units import parse_size
@@ -33,7 +34,38 @@ def _setup_logging(level: str) -> None:
 
 def _add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-repository", required=True, help="Triton-layout model repository")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1); another needs --auth-config or --insecure",
+    )
+    p.add_argument(
+        "--auth-config",
+        default=None,
+        metavar="FILE",
+        help="tenants, their key hashes and the models they see (YAML; see docs/security.md); "
+        "reloaded on SIGHUP and when the file changes. Without it the server is open",
+    )
+    p.add_argument(
+        "--auth-reload-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often the auth config file is checked for changes (default 1; 0: only "
+        "on SIGHUP)",
+    )
+    p.add_argument(
+        "--audit-log",
+        default=None,
+        metavar="FILE",
+        help="append a JSON line per admin action (load, unload, status) and refused "
+        "credential (401/403) to FILE (default: none)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a --host other than loopback without --auth-config (an open server)",
+    )
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
@@ -60,6 +92,19 @@ def _add_gateway_args(p: argparse.ArgumentParser) -> None:
         default=256 << 20,
         help="an unload that leaves more than this in a worker's allocator gets the "
         "worker restarted once drained (serve only; default 256MiB)",
+    )
+    p.add_argument(
+        "--max-inflight-per-copy",
+        type=int,
+        default=32,
+        help="forwards one model may have in flight per copy; past that requests queue "
+        "per tenant, round-robin (default 32)",
+    )
+    p.add_argument(
+        "--max-queue-per-model",
+        type=int,
+        default=1024,
+        help="requests one model may have queued before a 503 with Retry-After (default 1024)",
     )
     p.add_argument(
         "--recycle-interval",
@@ -182,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--watch", type=float, default=None, metavar="SECONDS", help="refresh every SECONDS"
     )
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.add_argument(
+        "--key",
+        default=os.environ.get("MODELPOOL_KEY"),
+        help="an admin key, for a gateway with --auth-config (default: $MODELPOOL_KEY)",
+    )
+
+    keys = sub.add_parser("keys", help="API keys for the auth config")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    keys_new = keys_sub.add_parser(
+        "new", help="print a fresh random key and the hash line for the auth config"
+    )
+    keys_new.add_argument("--tenant", required=True, help="the tenant the key is for")
 
     examples = sub.add_parser("examples", help="write the example model repository")
     examples.add_argument("--out", required=True)
@@ -202,9 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         from modelpool.gateway.status_view import run
 
         try:
-            return run(args.url, args.watch, args.json)
+            return run(args.url, args.watch, args.json, key=args.key)
         except KeyboardInterrupt:
             return 0
+    if args.command == "keys":
+        return _keys_new(args.tenant)
     _setup_logging(args.log_level)
     try:
         if args.command == "worker":
@@ -217,6 +276,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"modelpool {args.command}: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def _keys_new(tenant: str) -> int:
+    """``modelpool keys new --tenant NAME``: the key for the client (shown once, stored
+    nowhere) and the hash for the auth config, as a YAML mapping on stdout."""
+    from modelpool.gateway.tenants import check_tenant_name, hash_key, new_key
+
+    try:
+        check_tenant_name(tenant)
+    except ValueError as e:
+        print(f"modelpool keys new: {e}", file=sys.stderr)
+        return 2
+    key = new_key()
+    print(f"tenant: {tenant}")
+    print(f"key: {key}")
+    print(f"hash: {hash_key(key)}")
+    print(
+        f"Give the key to tenant '{tenant}' (it is not stored anywhere); add the hash to "
+        "its keys: in the auth config, then reload (SIGHUP, or wait a second).",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _install_signals(stop: asyncio.Event, reload: Callable[[], None]) -> None:
+    """SIGINT/SIGTERM stop; SIGHUP re-reads the auth config."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
 
 
 def _run_worker(args: argparse.Namespace) -> int:
@@ -314,9 +403,7 @@ async def _serve(args: argparse.Namespace) -> int:
     gateway.manager.recycler = supervisor.recycle
     gateway.dataplane.expected_devices = frozenset(s.device_id for s in slots)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    _install_signals(stop, gateway.reload_auth)
     try:
         await supervisor.start()
         ports = await gateway.start()
@@ -354,10 +441,16 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         acquire_timeout_s=args.acquire_timeout,
         retained_limit_bytes=args.recycle_retained_size,
         recycle_interval_s=args.recycle_interval,
+        max_inflight_per_copy=args.max_inflight_per_copy,
+        max_queued_per_model=args.max_queue_per_model,
         min_residency_s=args.min_residency,
         watermarks=Watermarks(high=args.high_watermark, low=args.low_watermark),
         poll_interval_s=args.housekeeping_interval,
         policy=args.policy,
+        auth_config=args.auth_config,
+        auth_reload_interval_s=args.auth_reload_interval,
+        audit_log=args.audit_log,
+        insecure=args.insecure,
         replication=None
         if args.max_copies <= 1
         else ReplicationConfig(args.replicate_hot_rps, args.replicate_cool_rps, args.max_copies),
@@ -379,9 +472,7 @@ async def _gateway(args: argparse.Namespace) -> int:
 
     gateway = Gateway(_gateway_config(args), _store(args.redis_url, args.redis_namespace))
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    _install_signals(stop, gateway.reload_auth)
     try:
         ports = await gateway.start()
         await gateway.poll_once()

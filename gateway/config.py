@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from modelpool.placement.pressure import Watermarks
 from modelpool.placement.replication import ReplicationConfig
 from modelpool.placement.units import parse_size
 
-__all__ = ["GatewayConfig", "parse_size"]
+__all__ = ["GatewayConfig", "is_loopback", "parse_size"]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (127.0.0.0/8, ::1,
+    localhost). Any other name counts as reachable from elsewhere."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -16,7 +28,8 @@ class GatewayConfig:
     """Timeouts are seconds; sizes are bytes."""
 
     model_repository: str
-    host: str = "0.0.0.0"
+    #: Loopback unless auth is on: see ``auth_config`` and ``insecure``.
+    host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
@@ -37,8 +50,22 @@ class GatewayConfig:
     retained_limit_bytes: int = 256 << 20
     #: The least time between two recycles on one device.
     recycle_interval_s: float = 60.0
+    #: Forwards one model may have in flight from this gateway, per routable copy;
+    #: past that, requests queue per tenant and go in round-robin.
+    max_inflight_per_copy: int = 32
+    #: Requests one model may have queued past that before a 503 with Retry-After.
+    max_queued_per_model: int = 1024
     #: None turns replication off.
     replication: ReplicationConfig | None = field(default_factory=ReplicationConfig)
+    #: The tenants and key digests (YAML, ``gateway/tenants.py``); None: auth off, every
+    #: caller sees every model and may make admin calls.
+    auth_config: str | None = None
+    #: How often the auth config's mtime is checked for a reload; 0: only on SIGHUP.
+    auth_reload_interval_s: float = 1.0
+    #: JSON-lines audit log of admin actions and refused credentials; None: none.
+    audit_log: str | None = None
+    #: Serve without auth on an address other hosts can reach.
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         for name in ("http_port", "grpc_port", "metrics_port"):
@@ -47,5 +74,19 @@ class GatewayConfig:
                 raise ValueError(
                     f"--{name.replace('_', '-')} {port} is not a port number (0-65535)"
                 )
+        if self.max_inflight_per_copy < 1 or self.max_queued_per_model < 0:
+            raise ValueError(
+                "--max-inflight-per-copy must be at least 1 and --max-queue-per-model at least 0"
+            )
         if self.max_request_bytes <= 0:
             raise ValueError("--max-request-size must be positive")
+        if self.auth_reload_interval_s < 0:
+            raise ValueError("--auth-reload-interval must be 0 (SIGHUP only) or positive")
+        if self.auth_config is None and not self.insecure and not is_loopback(self.host):
+            raise ValueError(
+                f"--host {self.host} without --auth-config would let anyone who can reach "
+                "it use every model and the admin calls. Pass --auth-config FILE (tenants "
+                "and key hashes; `modelpool keys new` makes a key; see docs/security.md), "
+                "or keep the default --host 127.0.0.1, or pass --insecure to serve it "
+                "open anyway (e.g. behind a proxy that authenticates)"
+            )

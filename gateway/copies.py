@@ -301,6 +301,10 @@ class CopyManager:
             and copy.worker_id not in self._draining
         )
 
+    def routable_count(self, model: str, version: int) -> int:
+        """How many copies of a model version take requests now."""
+        return len(self._routable_copies(model, version))
+
     def _routable_copies(self, model: str, version: int) -> list[CopyView]:
         return [c for c in self.view.ready_copies(model, version) if self._routable(c)]
 

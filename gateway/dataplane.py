@@ -7,10 +7,12 @@ https://github.com/triton-inference-server/server/blob/main/docs/protocol/extens
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,17 +21,27 @@ from tritonclient.grpc import service_pb2 as pb
 
 from modelpool.cache.records import CopyState
 from modelpool.cache.view import ResidencyView
+from modelpool.gateway.audit import AuditEvent, AuditLog
 from modelpool.gateway.copies import CopyManager
 from modelpool.gateway.deadlines import Deadline
 from modelpool.gateway.errors import outcome_of
-from modelpool.gateway.metrics import UNKNOWN_MODEL, Metrics
+from modelpool.gateway.fairness import FairGates
+from modelpool.gateway.limits import TenantLimiter
+from modelpool.gateway.metrics import NO_TENANT, UNKNOWN_MODEL, Metrics
 from modelpool.gateway.stats import Statistics
+from modelpool.gateway.tenants import Authenticator, Tenant
 from modelpool.gateway.validate import contents_to_raw, validate_request
-from modelpool.gpu.repository import ModelRepository, ModelSpec
+from modelpool.gpu.repository import (
+    ModelRepository,
+    ModelSpec,
+    check_model_name,
+    model_not_found,
+)
 from modelpool.placement.errors import (
-    ModelNotFound,
     ModelNotReady,
     ModelpoolError,
+    PermissionDenied,
+    Unauthenticated,
     WorkerUnavailable,
 )
 
@@ -43,6 +55,15 @@ EXTENSIONS = (
     "model_repository(unload_dependents)",
     "statistics",
 )
+
+
+#: What each admin action is called in a 403's message.
+_ADMIN_CALLS = {
+    "load": "repository load",
+    "unload": "repository unload",
+    "status": "the status view",
+    "statistics": "statistics of every model",
+}
 
 
 @dataclass(frozen=True)
@@ -76,6 +97,18 @@ class InferOutcome:
 
 
 class DataPlane:
+    """Every client call, for REST and gRPC alike.
+
+    Tenants: the edge resolves the caller's key with ``authenticate`` and passes the
+    ``Tenant`` as ``tenant=`` (None: an open server, everything visible). Which models a
+    tenant sees (``_visible``) and which calls need the admin role (``_require_admin``)
+    are decided here and nowhere else. A model a tenant may not see is answered exactly
+    as one that does not exist (404 / NOT_FOUND, the same message); an admin call by a
+    tenant is 403 / PERMISSION_DENIED. Admin calls: repository load and unload, the
+    status view, statistics of every model. The repository index is open to tenants
+    and lists only the models they see.
+    """
+
     def __init__(
         self,
         repository: ModelRepository,
@@ -86,6 +119,10 @@ class DataPlane:
         infer_timeout_s: float,
         acquire_timeout_s: float,
         expected_devices: frozenset[str] = frozenset(),
+        authenticator: Authenticator | None = None,
+        audit: AuditLog | None = None,
+        limiter: TenantLimiter | None = None,
+        gates: FairGates | None = None,
     ) -> None:
         self.repository = repository
         self.view = view
@@ -98,6 +135,69 @@ class DataPlane:
         self.expected_devices = expected_devices
         self.ready = True
         self.statistics = Statistics()
+        #: Auth off (every caller is None) unless built from an auth config.
+        self.authenticator = authenticator if authenticator is not None else Authenticator()
+        self.audit = audit if audit is not None else AuditLog()
+        #: Per-tenant rate and concurrency (429), and fair per-model queues.
+        self.limiter = limiter if limiter is not None else TenantLimiter()
+        self.gates = gates if gates is not None else FairGates(lambda m, v: 1 << 30, 1 << 30)
+
+    # -- tenants -----------------------------------------------------------------------
+    def authenticate(
+        self, authorization: str | None, *, action: str, model: str | None = None, source: str = ""
+    ) -> Tenant | None:
+        """The tenant behind an ``Authorization`` value (``Bearer KEY``); None when auth
+        is off. ``action``, ``model`` and ``source`` (the peer address) only go to the
+        audit log of a refusal.
+
+        Raises:
+            Unauthenticated: no key, or one no tenant holds (HTTP 401 / UNAUTHENTICATED).
+        """
+        try:
+            return self.authenticator.authenticate(authorization)
+        except Unauthenticated:
+            self.audit.record(AuditEvent(None, action, model, "unauthenticated", 401, source))
+            raise
+
+    def _visible(self, tenant: Tenant | None, name: str) -> None:
+        """Raise for a model ``tenant`` may not see exactly what a model absent from the
+        repository raises (and without looking at the repository, so not even timing
+        tells them apart): InvalidInput for a malformed name, else ModelNotFound."""
+        if tenant is None or tenant.sees(name):
+            return
+        check_model_name(name)
+        raise model_not_found(name)
+
+    def _require_admin(
+        self, tenant: Tenant | None, action: str, model: str | None, source: str
+    ) -> None:
+        """Refuse (and audit) an admin call by a tenant without the admin role."""
+        if tenant is None or tenant.is_admin:
+            return
+        self.audit.record(AuditEvent(tenant.name, action, model, "denied", 403, source))
+        raise PermissionDenied(
+            f"{_ADMIN_CALLS.get(action, action)} is an admin call: tenant '{tenant.name}' "
+            "does not have the admin role"
+        )
+
+    @contextlib.contextmanager
+    def _audited(
+        self, tenant: Tenant | None, action: str, model: str | None, source: str
+    ) -> Iterator[None]:
+        """Audit an admin action with its outcome."""
+        name = tenant.name if tenant is not None else None
+        try:
+            yield
+        except ModelpoolError as e:
+            self.audit.record(AuditEvent(name, action, model, "error", e.http_status, source))
+            raise
+        except asyncio.CancelledError:
+            self.audit.record(AuditEvent(name, action, model, "cancelled", 499, source))
+            raise
+        except Exception:
+            self.audit.record(AuditEvent(name, action, model, "error", 500, source))
+            raise
+        self.audit.record(AuditEvent(name, action, model, "ok", 200, source))
 
     # -- server ------------------------------------------------------------------------
     def live(self) -> bool:
@@ -117,7 +217,16 @@ class DataPlane:
         )
 
     # -- models ------------------------------------------------------------------------
-    def spec(self, name: str, version: str | int | None = None) -> tuple[ModelSpec, int]:
+    def spec(
+        self, name: str, version: str | int | None = None, tenant: Tenant | None = None
+    ) -> tuple[ModelSpec, int]:
+        """The model and the version a request names, as ``tenant`` may see them.
+
+        Raises:
+            ModelNotFound: no such model (or ``tenant`` may not see it), or version.
+            ModelNotReady: the model's config is broken.
+        """
+        self._visible(tenant, name)
         spec = self.repository.get(name)
         return spec, spec.resolve_version(version)
 
@@ -125,8 +234,10 @@ class DataPlane:
         """A bounded label value: repository names only."""
         return name if name in self.repository else UNKNOWN_MODEL
 
-    def model_metadata(self, name: str, version: str = "") -> pb.ModelMetadataResponse:
-        spec, v = self.spec(name, version)
+    def model_metadata(
+        self, name: str, version: str = "", *, tenant: Tenant | None = None
+    ) -> pb.ModelMetadataResponse:
+        spec, v = self.spec(name, version, tenant)
         resp = pb.ModelMetadataResponse(
             name=spec.name,
             versions=[str(x) for x in spec.versions] if not version else [str(v)],
@@ -139,15 +250,18 @@ class DataPlane:
             resp.outputs.add(name=t.name, datatype=t.datatype, shape=batch + list(t.dims))
         return resp
 
-    def model_config(self, name: str, version: str = "") -> mc.ModelConfig:
-        spec, _ = self.spec(name, version)
+    def model_config(
+        self, name: str, version: str = "", *, tenant: Tenant | None = None
+    ) -> mc.ModelConfig:
+        spec, _ = self.spec(name, version, tenant)
         return spec.config
 
-    def model_ready(self, name: str, version: str = "") -> bool:
+    def model_ready(self, name: str, version: str = "", *, tenant: Tenant | None = None) -> bool:
         """Ready when it can serve: resident, or loadable on demand (config valid and no
-        failed load of an unchanged artifact)."""
+        failed load of an unchanged artifact). False too for a model ``tenant`` may
+        not see; the edge answers 404 for it first (``spec``)."""
         try:
-            _, v = self.spec(name, version)
+            _, v = self.spec(name, version, tenant)
             self.manager.check_failed(name, v)
         except ModelpoolError:
             return False
@@ -161,6 +275,7 @@ class DataPlane:
         model: str | None = None,
         raw: bytes | None = None,
         client_timeout_s: float | None = None,
+        tenant: Tenant | None = None,
     ) -> InferOutcome:
         """Validate, find or load a copy, forward. Counts the request exactly once.
 
@@ -169,26 +284,33 @@ class DataPlane:
         request as it arrived (gRPC): forwarded as is when nothing in it needs
         rewriting, and the reply is then returned raw too. ``client_timeout_s`` is the
         time the client gave the request (gRPC deadline, REST header or parameter),
-        None when it set none; see ``gateway/deadlines.py``.
+        None when it set none; see ``gateway/deadlines.py``. ``tenant`` is the caller
+        (None: an open server); a model it may not see is ModelNotFound.
         """
         started = time.monotonic()
         label = self.model_label(model) if model is not None else UNKNOWN_MODEL
+        who = tenant.name if tenant is not None else NO_TENANT
         self.metrics.inflight.inc()
+        admitted = None
         try:
+            # Over its limits, a tenant is refused before it costs the pool anything.
+            admitted = self.limiter.admit(tenant.name) if tenant is not None else None
             parsed = request() if callable(request) else request
             if model is None:
                 label = self.model_label(parsed.model_name)
             deadline = Deadline.from_client(client_timeout_s, self.acquire_timeout_s)
             forward_s = client_timeout_s if client_timeout_s is not None else self.infer_timeout_s
             forward = Deadline.after(forward_s, client_set=client_timeout_s is not None)
-            outcome = await self._infer(parsed, label, started, raw, deadline, forward)
+            outcome = await self._infer(parsed, label, started, raw, deadline, forward, tenant)
         except BaseException as e:
-            self.metrics.requests.labels(label, protocol, outcome_of(e)).inc()
+            self.metrics.requests.labels(label, protocol, outcome_of(e), who).inc()
             raise
         finally:
+            if admitted is not None:
+                admitted.release()
             self.metrics.inflight.dec()
-            self.metrics.request_duration.labels(label).observe(time.monotonic() - started)
-        self.metrics.requests.labels(label, protocol, "success").inc()
+            self.metrics.request_duration.labels(label, who).observe(time.monotonic() - started)
+        self.metrics.requests.labels(label, protocol, "success", who).inc()
         return outcome
 
     async def _infer(
@@ -199,12 +321,14 @@ class DataPlane:
         raw: bytes | None,
         deadline: Deadline,
         forward: Deadline,
+        tenant: Tenant | None,
     ) -> InferOutcome:
-        spec, version = self.spec(request.model_name, request.model_version)
+        spec, version = self.spec(request.model_name, request.model_version, tenant)
         try:
             return await self._forward(
-                spec, version, request, label, started, raw, deadline, forward
-            )
+                spec, version, request, label, started, raw, deadline, forward,
+                tenant.name if tenant is not None else NO_TENANT,
+            )  # fmt: skip
         except ModelpoolError:
             self.statistics.record_failure(spec.name, version, time.monotonic() - started)
             raise
@@ -219,10 +343,12 @@ class DataPlane:
         raw: bytes | None,
         deadline: Deadline,
         forward: Deadline,
+        tenant: str,
     ) -> InferOutcome:
         """Find a copy within ``deadline`` (the earlier of the client's and the
-        server's wait bound), then forward within what is left of ``forward`` (the
-        client's deadline, or the server's infer timeout)."""
+        server's wait bound), take the tenant's turn at the model's fair queue, then
+        forward within what is left of ``forward`` (the client's deadline, or the
+        server's infer timeout). The lease is held while queued, so the copy stays."""
         if any(t.HasField("contents") for t in request.inputs):
             contents_to_raw(request)
             raw = None  # rewritten: the original bytes no longer say the same
@@ -241,6 +367,12 @@ class DataPlane:
             if got.cold:
                 self.metrics.cold_starts.labels(label).inc()
             self.metrics.queue_wait.labels(label).observe(time.monotonic() - started)
+            gate = self.gates.gate(spec.name, version)
+            try:
+                await gate.enter(tenant, deadline)
+            except BaseException:
+                self.manager.release(got)
+                raise
             compute_started = time.monotonic()
             try:
                 if forward.expired():
@@ -266,6 +398,7 @@ class DataPlane:
                 )
                 continue
             finally:
+                gate.leave()
                 self.manager.release(got)
             done = time.monotonic()
             self.metrics.compute_duration.labels(label).observe(done - compute_started)
@@ -283,11 +416,24 @@ class DataPlane:
             return outcome
         raise AssertionError("unreachable")
 
-    def model_statistics(self, name: str = "", version: str = "") -> pb.ModelStatisticsResponse:
+    def model_statistics(
+        self,
+        name: str = "",
+        version: str = "",
+        *,
+        tenant: Tenant | None = None,
+        source: str = "",
+    ) -> pb.ModelStatisticsResponse:
         """Triton's statistics for one model (and version), or every model when ``name``
-        is empty."""
+        is empty (an admin call).
+
+        Raises:
+            PermissionDenied: every model's, asked by a tenant that is not an admin.
+        """
+        if not name:
+            self._require_admin(tenant, "statistics", None, source)
         if name:
-            spec, v = self.spec(name, version)
+            spec, v = self.spec(name, version, tenant)
             keys = [(spec.name, v)] if version else [(spec.name, x) for x in spec.versions]
         else:
             keys = [
@@ -296,9 +442,48 @@ class DataPlane:
         return self.statistics.response(keys)
 
     # -- operator view -----------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self, *, tenant: Tenant | None = None, source: str = "") -> dict[str, Any]:
         """The JSON behind ``GET /v2/modelpool/status`` and ``modelpool status``: workers,
-        devices (bytes) and every copy this gateway knows of."""
+        devices (bytes) and every copy this gateway knows of. An admin call (audited).
+
+        Raises:
+            PermissionDenied: ``tenant`` is not an admin.
+        """
+        self._require_admin(tenant, "status", None, source)
+        with self._audited(tenant, "status", None, source):
+            return self._status()
+
+    def _tenants_status(self, copies: list[Any]) -> list[dict[str, Any]]:
+        """Per tenant: its private models' resident bytes against its quota, requests
+        in flight and refused (rate, concurrency) at this gateway."""
+        config = self.authenticator.config
+        if config is None:
+            return []
+        rows = []
+        for t in config.tenants:
+            quota = None
+            resident = 0
+            for c in copies:
+                q = self.manager.quota_of(c.model) if self.manager.quota_of else None
+                if q is not None and q.tenant == t.name:
+                    quota = q.limit_bytes
+                    resident += c.footprint_bytes
+            rows.append(
+                {
+                    "name": t.name,
+                    "role": str(t.role),
+                    "resident_bytes": resident,
+                    "device_memory_quota": t.device_memory_quota if quota is None else quota,
+                    "inflight": self.limiter.inflight(t.name),
+                    "rejected": {
+                        reason: self.limiter.rejections.get((t.name, reason), 0)
+                        for reason in ("rate", "concurrency")
+                    },
+                }
+            )
+        return rows
+
+    def _status(self) -> dict[str, Any]:
         copies = self.manager.copies()
         return {
             "server": {
@@ -311,6 +496,7 @@ class DataPlane:
                 for w in sorted(self.view.workers.values(), key=lambda w: w.worker_id)
             ],
             "devices_without_workers": self.devices_without_workers(),
+            "tenants": self._tenants_status(copies),
             "devices": [
                 dataclasses.asdict(d)
                 for d in sorted(self.view.devices.values(), key=lambda d: d.device_id)
@@ -331,13 +517,18 @@ class DataPlane:
         }
 
     # -- repository extension ------------------------------------------------------------
-    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+    def repository_index(
+        self, ready_only: bool = False, *, tenant: Tenant | None = None
+    ) -> list[IndexEntry]:
+        """Triton's repository index: every model, or for a tenant the models it sees."""
         self.repository.refresh()
         states_of: dict[tuple[str, int], set[CopyState]] = {}
         for c in self.view.all_copies():
             states_of.setdefault((c.model, c.version), set()).add(c.state)
         entries = []
         for spec in self.repository.specs():
+            if tenant is not None and not tenant.sees(spec.name):
+                continue
             if spec.error is not None:
                 if not ready_only:
                     entries.append(IndexEntry(spec.name, "", "UNAVAILABLE", spec.error))
@@ -361,8 +552,20 @@ class DataPlane:
                     )
         return entries
 
-    async def load_model(self, name: str) -> None:
-        """Triton's explicit load: re-read the config, forget a past failure, load now."""
+    async def load_model(
+        self, name: str, *, tenant: Tenant | None = None, source: str = ""
+    ) -> None:
+        """Triton's explicit load: re-read the config, forget a past failure, load now.
+        An admin call (audited with ``source``, the peer address).
+
+        Raises:
+            PermissionDenied: ``tenant`` is not an admin.
+        """
+        self._require_admin(tenant, "load", name, source)
+        with self._audited(tenant, "load", name, source):
+            await self._load_model(name)
+
+    async def _load_model(self, name: str) -> None:
         self.repository.refresh(name)
         spec = self.repository.get(name)
         if spec.error is not None:
@@ -373,10 +576,22 @@ class DataPlane:
             got = await self.manager.acquire(name, v, deadline)
             self.manager.release(got)
 
-    async def unload_model(self, name: str) -> None:
+    async def unload_model(
+        self, name: str, *, tenant: Tenant | None = None, source: str = ""
+    ) -> None:
+        """Triton's explicit unload: every copy of ``name`` goes. An admin call (audited).
+
+        Raises:
+            PermissionDenied: ``tenant`` is not an admin.
+        """
+        self._require_admin(tenant, "unload", name, source)
+        with self._audited(tenant, "unload", name, source):
+            await self._unload_model(name)
+
+    async def _unload_model(self, name: str) -> None:
         if name not in self.repository.names():
             self.repository.get(name)  # raises ModelNotFound for unknown names
         deadline = Deadline.after(self.infer_timeout_s, client_set=False)
         count = await self.manager.unload_model(name, deadline)
         if count == 0 and name not in self.repository.names():
-            raise ModelNotFound(f"model '{name}' is not in the model repository")
+            raise model_not_found(name)

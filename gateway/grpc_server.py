@@ -1,5 +1,10 @@
 """KServe v2 gRPC (Triton's GRPCInferenceService) on grpc.aio. Each method converts
-protobuf to a DataPlane call and back; typed errors map to status codes here."""
+protobuf to a DataPlane call and back; typed errors map to status codes here.
+
+Credentials: metadata ``authorization: Bearer KEY`` (tritonclient's ``headers=``).
+Every method but ServerLive, ServerReady and ServerMetadata resolves the caller with
+``_tenant`` first and passes it on.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from modelpool.gateway.dataplane import DataPlane
 from modelpool.gateway.errors import retry_after, status_of
+from modelpool.gateway.tenants import Tenant
 from modelpool.gateway.validate import client_timeout, grpc_timeout_parameter, raising
 from modelpool.placement.errors import InvalidInput, ModelpoolError
 
@@ -45,6 +51,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
             raise
 
+    def _tenant(
+        self, context: grpc.aio.ServicerContext, action: str, model: str | None = None
+    ) -> Tenant | None:
+        """The caller, from metadata ``authorization: Bearer KEY``; None when auth is
+        off. Raises Unauthenticated for a missing or unknown key (call it under
+        ``_guard``)."""
+        authorization = None
+        for key, value in context.invocation_metadata() or ():
+            if key.lower() == "authorization":
+                authorization = value if isinstance(value, str) else None
+                break
+        return self.dp.authenticate(
+            authorization, action=action, model=model, source=context.peer() or ""
+        )
+
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=self.dp.live())
 
@@ -56,20 +77,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         def check() -> pb.ModelReadyResponse:
-            self.dp.spec(request.name, request.version)
-            return pb.ModelReadyResponse(ready=self.dp.model_ready(request.name, request.version))
+            tenant = self._tenant(context, "ready", request.name)
+            self.dp.spec(request.name, request.version, tenant)
+            ready = self.dp.model_ready(request.name, request.version, tenant=tenant)
+            return pb.ModelReadyResponse(ready=ready)
 
         return await self._guard(context, _call(check))
 
     async def ModelMetadata(self, request, context):
-        return await self._guard(
-            context, _call(self.dp.model_metadata, request.name, request.version)
-        )
+        def metadata() -> pb.ModelMetadataResponse:
+            tenant = self._tenant(context, "metadata", request.name)
+            return self.dp.model_metadata(request.name, request.version, tenant=tenant)
+
+        return await self._guard(context, _call(metadata))
 
     async def ModelConfig(self, request, context):
         def config() -> pb.ModelConfigResponse:
+            tenant = self._tenant(context, "config", request.name)
             return pb.ModelConfigResponse(
-                config=self.dp.model_config(request.name, request.version)
+                config=self.dp.model_config(request.name, request.version, tenant=tenant)
             )
 
         return await self._guard(context, _call(config))
@@ -89,6 +115,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             deadline_s = max(0.0, remaining) if remaining is not None else None
             return request, client_timeout(deadline_s, grpc_timeout_parameter(request))
 
+        # Before parsing: an unknown caller costs no more than the lookup of its key.
+        tenant = await self._guard(context, _call(self._tenant, context, "infer"))
         # Parsed before the data plane is called, as the deadline rides in the request;
         # one that fails to parse still goes through ``dp.infer`` to be counted.
         source: pb.ModelInferRequest | Callable[[], pb.ModelInferRequest]
@@ -98,27 +126,47 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             source, timeout_s = raising(e), None
         outcome = await self._guard(
             context,
-            self.dp.infer(source, protocol="grpc", raw=data, client_timeout_s=timeout_s),
+            self.dp.infer(
+                source, protocol="grpc", raw=data, client_timeout_s=timeout_s, tenant=tenant
+            ),
         )
         return outcome.raw_response()
 
     async def ModelStatistics(self, request, context):
-        return await self._guard(
-            context, _call(self.dp.model_statistics, request.name, request.version)
-        )
+        def statistics() -> pb.ModelStatisticsResponse:
+            tenant = self._tenant(context, "statistics", request.name or None)
+            return self.dp.model_statistics(
+                request.name, request.version, tenant=tenant, source=context.peer() or ""
+            )
+
+        return await self._guard(context, _call(statistics))
 
     async def RepositoryIndex(self, request, context):
-        resp = pb.RepositoryIndexResponse()
-        for e in self.dp.repository_index(request.ready):
-            resp.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
-        return resp
+        def index() -> pb.RepositoryIndexResponse:
+            tenant = self._tenant(context, "index")
+            resp = pb.RepositoryIndexResponse()
+            for e in self.dp.repository_index(request.ready, tenant=tenant):
+                resp.models.add(name=e.name, version=e.version, state=e.state, reason=e.reason)
+            return resp
+
+        return await self._guard(context, _call(index))
 
     async def RepositoryModelLoad(self, request, context):
-        await self._guard(context, self.dp.load_model(request.model_name))
+        async def load() -> None:
+            tenant = self._tenant(context, "load", request.model_name)
+            await self.dp.load_model(request.model_name, tenant=tenant, source=context.peer() or "")
+
+        await self._guard(context, load())
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
-        await self._guard(context, self.dp.unload_model(request.model_name))
+        async def unload() -> None:
+            tenant = self._tenant(context, "unload", request.model_name)
+            await self.dp.unload_model(
+                request.model_name, tenant=tenant, source=context.peer() or ""
+            )
+
+        await self._guard(context, unload())
         return pb.RepositoryModelUnloadResponse()
 
 

@@ -124,9 +124,7 @@ class TenantLimiter:
             RateLimited: over the tenant's rate (Retry-After: until a token) or its
                 concurrency (Retry-After: 1 s).
         """
-        limits = self._limits.get(name)
-        if limits is None:
-            return Admission(None)
+        limits = self._limits.get(name) or Limits()
         if limits.max_concurrency is not None:
             cap = max(1, math.floor(limits.max_concurrency * self.share))
             if self._inflight.get(name, 0) >= cap:

@@ -9,6 +9,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 UNKNOWN_MODEL = "_unknown"
+#: The ``tenant`` label of requests to a server without an auth config. Tenant names
+#: come from the auth config only, so the label's values stay bounded.
+NO_TENANT = "_none"
 
 # Latency buckets from 1 ms (a warm small model) to a minute (a cold multi-GB load).
 _LATENCY_BUCKETS = (
@@ -36,15 +39,16 @@ class Metrics:
         self.registry = registry
         self.requests = Counter(
             "modelpool_requests",
-            "Inference requests by model, protocol (http, grpc) and outcome "
-            "(success, client_error, unavailable, error).",
-            ["model", "protocol", "outcome"],
+            "Inference requests by model, protocol (http, grpc), outcome (success, "
+            "client_error, rate_limited, unavailable, deadline, cancelled, error) and tenant.",
+            ["model", "protocol", "outcome", "tenant"],
             registry=registry,
         )
         self.request_duration = Histogram(
             "modelpool_request_duration_seconds",
-            "Time from a request's arrival to its reply, waiting for a load included.",
-            ["model"],
+            "Time from a request's arrival to its reply, waiting for a load included, by "
+            "model and tenant.",
+            ["model", "tenant"],
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )

@@ -1,5 +1,10 @@
 """KServe v2 REST on aiohttp, as Triton serves it. Handlers parse, call the DataPlane,
-render; the middleware maps typed errors once."""
+render; the middleware maps typed errors once.
+
+Credentials: ``Authorization: Bearer KEY``. Every handler but health and server metadata
+resolves the caller with ``_tenant`` first and passes it on; what the tenant may see is
+the data plane's business.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +20,15 @@ from modelpool.gateway.dataplane import DataPlane
 from modelpool.gateway.errors import retry_after, status_of
 from modelpool.gateway.proto_json import message_to_json
 from modelpool.gateway.rest_codec import HEADER_LENGTH, parse_infer, render_infer, request_timeout
+from modelpool.gateway.tenants import Tenant
 from modelpool.gateway.validate import client_timeout, raising, timeout_seconds
 from modelpool.gpu.repository import clip
-from modelpool.placement.errors import InvalidInput, ModelpoolError, PayloadTooLarge
+from modelpool.placement.errors import (
+    InvalidInput,
+    ModelpoolError,
+    PayloadTooLarge,
+    Unauthenticated,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +55,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if status >= 500 and status != 503:
             log.exception("unmapped error on %s", request.path)
         response = _error(status, e.message, retry_after(e))
+        if isinstance(e, Unauthenticated):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="modelpool"'
         if not request.content.is_eof():
             # The body was not (or could not be) read to its end: where the next
             # request on this connection starts is unknown, so the client must not
@@ -61,6 +74,19 @@ def _model(request: web.Request) -> tuple[str, str]:
     return request.match_info["model"], request.match_info.get("version", "")
 
 
+def _source(request: web.Request) -> str:
+    """The peer's address, for the audit log (a proxy's, behind one)."""
+    return request.remote or ""
+
+
+def _tenant(request: web.Request, action: str, model: str | None = None) -> Tenant | None:
+    """The caller, from ``Authorization: Bearer KEY``; None when auth is off. Raises
+    Unauthenticated (401) for a missing or unknown key."""
+    return request.app[DATAPLANE].authenticate(
+        request.headers.get("Authorization"), action=action, model=model, source=_source(request)
+    )
+
+
 async def live(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
@@ -75,19 +101,24 @@ async def server_metadata(request: web.Request) -> web.Response:
 
 async def model_metadata(request: web.Request) -> web.Response:
     name, version = _model(request)
-    return web.json_response(message_to_json(request.app[DATAPLANE].model_metadata(name, version)))
+    tenant = _tenant(request, "metadata", name)
+    metadata = request.app[DATAPLANE].model_metadata(name, version, tenant=tenant)
+    return web.json_response(message_to_json(metadata))
 
 
 async def model_ready(request: web.Request) -> web.Response:
     name, version = _model(request)
+    tenant = _tenant(request, "ready", name)
     dp = request.app[DATAPLANE]
-    dp.spec(name, version)  # unknown model or version: 404, as Triton
-    return web.Response(status=200 if dp.model_ready(name, version) else 400)
+    dp.spec(name, version, tenant)  # unknown (or invisible) model or version: 404, as Triton
+    return web.Response(status=200 if dp.model_ready(name, version, tenant=tenant) else 400)
 
 
 async def model_config(request: web.Request) -> web.Response:
     name, version = _model(request)
-    return web.json_response(message_to_json(request.app[DATAPLANE].model_config(name, version)))
+    tenant = _tenant(request, "config", name)
+    config = request.app[DATAPLANE].model_config(name, version, tenant=tenant)
+    return web.json_response(message_to_json(config))
 
 
 async def infer(request: web.Request) -> web.Response:
@@ -101,13 +132,14 @@ async def infer(request: web.Request) -> web.Response:
     request's deadline; a malformed one is a 400 naming the header or parameter.
     """
     name, version = _model(request)
+    tenant = _tenant(request, "infer", name)  # before the body is read
     dp = request.app[DATAPLANE]
     body = await _read(request, f"model '{name}'")
     doc: dict = {}
 
     def parse() -> tuple[pb.ModelInferRequest, float | None]:
         nonlocal doc
-        dp.spec(name, version)  # 404 for an unknown model before any parsing
+        dp.spec(name, version, tenant)  # 404 for an unknown model before any parsing
         header = request.headers.get(TIMEOUT_HEADER)
         header_s = (
             timeout_seconds(header, f"model '{name}': header {TIMEOUT_HEADER}")
@@ -127,7 +159,9 @@ async def infer(request: web.Request) -> web.Response:
         source, timeout_s = parse()
     except Exception as e:
         source, timeout_s = raising(e), None
-    outcome = await dp.infer(source, protocol="http", model=name, client_timeout_s=timeout_s)
+    outcome = await dp.infer(
+        source, protocol="http", model=name, client_timeout_s=timeout_s, tenant=tenant
+    )
     payload, header_length = render_infer(outcome.parsed(), doc)
     if header_length is None:
         return web.Response(body=payload, content_type="application/json")
@@ -156,6 +190,7 @@ async def _read(request: web.Request, what: str) -> bytes | ModelpoolError:
 
 
 async def repository_index(request: web.Request) -> web.Response:
+    tenant = _tenant(request, "index")
     ready_only = False
     if request.can_read_body:
         body = await _read(request, "repository index")
@@ -170,7 +205,7 @@ async def repository_index(request: web.Request) -> web.Response:
                 f"repository index: body is not valid JSON: {clip(e, 200)}"
             ) from None
         ready_only = bool(isinstance(doc, dict) and doc.get("ready"))
-    entries = request.app[DATAPLANE].repository_index(ready_only)
+    entries = request.app[DATAPLANE].repository_index(ready_only, tenant=tenant)
     return web.json_response(
         [
             {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
@@ -180,24 +215,32 @@ async def repository_index(request: web.Request) -> web.Response:
 
 
 async def repository_load(request: web.Request) -> web.Response:
-    await request.app[DATAPLANE].load_model(request.match_info["model"])
+    name = request.match_info["model"]
+    tenant = _tenant(request, "load", name)
+    await request.app[DATAPLANE].load_model(name, tenant=tenant, source=_source(request))
     return web.json_response({})
 
 
 async def repository_unload(request: web.Request) -> web.Response:
-    await request.app[DATAPLANE].unload_model(request.match_info["model"])
+    name = request.match_info["model"]
+    tenant = _tenant(request, "unload", name)
+    await request.app[DATAPLANE].unload_model(name, tenant=tenant, source=_source(request))
     return web.json_response({})
 
 
 async def model_statistics(request: web.Request) -> web.Response:
     name = request.match_info.get("model", "")
     version = request.match_info.get("version", "")
-    stats = request.app[DATAPLANE].model_statistics(name, version)
+    tenant = _tenant(request, "statistics", name or None)
+    stats = request.app[DATAPLANE].model_statistics(
+        name, version, tenant=tenant, source=_source(request)
+    )
     return web.json_response(message_to_json(stats))
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[DATAPLANE].status())
+    tenant = _tenant(request, "status")
+    return web.json_response(request.app[DATAPLANE].status(tenant=tenant, source=_source(request)))
 
 
 def add_routes(app: web.Application) -> None:

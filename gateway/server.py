@@ -17,13 +17,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from modelpool.cache.records import CopyState
 from modelpool.cache.store import ResidencyStore
 from modelpool.cache.view import ResidencyView
-from modelpool.gateway.config import GatewayConfig
+from modelpool.gateway.audit import AuditLog
+from modelpool.gateway.config import GatewayConfig, is_loopback
 from modelpool.gateway.copies import CopyManager, ManagerConfig
 from modelpool.gateway.dataplane import DataPlane
+from modelpool.gateway.fairness import FairGates
 from modelpool.gateway.grpc_server import create_grpc_server
 from modelpool.gateway.housekeeping import Housekeeper
+from modelpool.gateway.limits import TenantLimiter
 from modelpool.gateway.metrics import Metrics
 from modelpool.gateway.rest import create_rest_app
+from modelpool.gateway.tenancy import Quotas, gateway_id, wire
+from modelpool.gateway.tenants import Authenticator
 from modelpool.gateway.workers import WorkerClients
 from modelpool.gpu.repository import ModelRepository
 from modelpool.placement.policies import make_policy
@@ -48,11 +53,20 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.repository = ModelRepository(self.config.model_repository)
+        # A bad auth config fails here, before anything starts (AuthConfigError).
+        self.authenticator = Authenticator(self.config.auth_config)
+        self.audit = AuditLog(self.config.audit_log)
         # The manager subscribes the view to the store: it owns what follows from events.
         self.view = ResidencyView()
         self.clients = WorkerClients(max_message_bytes=max(self.config.max_request_bytes, 1 << 30))
         self.metrics = Metrics(self.registry)
         cfg = self.config
+        # Tenancy beyond auth: limits per tenant, quotas per private model; both follow
+        # every reload of the auth config.
+        self.limiter = TenantLimiter()
+        self.quotas = Quotas()
+        wire(self.authenticator.config, self.limiter, self.quotas)
+        self.authenticator.listeners.append(lambda c: wire(c, self.limiter, self.quotas))
         self.manager = CopyManager(
             self.repository,
             self.store,
@@ -70,6 +84,7 @@ class Gateway:
                 drain_timeout_s=cfg.infer_timeout_s,
             ),
             policy=make_policy(cfg.policy),
+            quota_of=self.quotas.quota_of,
         )
         self.housekeeper = Housekeeper(
             self.store,
@@ -78,6 +93,14 @@ class Gateway:
             self.manager,
             replication=cfg.replication,
             min_residency_s=cfg.min_residency_s,
+            limiter=self.limiter,
+            gateway_id=gateway_id(),
+            poll_interval_s=cfg.poll_interval_s,
+        )
+        per_copy = cfg.max_inflight_per_copy
+        self.gates = FairGates(
+            lambda model, version: per_copy * max(1, self.manager.routable_count(model, version)),
+            cfg.max_queued_per_model,
         )
         self.dataplane = DataPlane(
             self.repository,
@@ -86,11 +109,16 @@ class Gateway:
             self.metrics,
             infer_timeout_s=cfg.infer_timeout_s,
             acquire_timeout_s=cfg.acquire_timeout_s,
+            authenticator=self.authenticator,
+            audit=self.audit,
+            limiter=self.limiter,
+            gates=self.gates,
         )
         self.ports = BoundPorts()
         self._runners: list[web.AppRunner] = []
         self._grpc: grpc.aio.Server | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._auth_watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> BoundPorts:
         snap = await self.store.snapshot()
@@ -108,7 +136,40 @@ class Gateway:
         await server.start()
         self._grpc = server
         self._poller = asyncio.create_task(self._poll_devices(), name="device-poller")
+        self._log_auth()
+        if self.authenticator.enabled and cfg.auth_reload_interval_s > 0:
+            self._auth_watcher = asyncio.create_task(
+                self.authenticator.watch(cfg.auth_reload_interval_s), name="auth-watcher"
+            )
         return self.ports
+
+    def reload_auth(self) -> None:
+        """Re-read the auth config now (SIGHUP); a bad file keeps the old config."""
+        self.authenticator.reload()
+
+    def _log_auth(self) -> None:
+        cfg = self.config
+        config = self.authenticator.config
+        if config is not None:
+            log.info(
+                "auth on: %d tenants, %d keys from %s (reloaded on SIGHUP%s)",
+                len(config.tenants),
+                len(config.keys),
+                cfg.auth_config,
+                " and when the file changes" if cfg.auth_reload_interval_s > 0 else "",
+            )
+        elif is_loopback(cfg.host):
+            log.info(
+                "no --auth-config: serving open (every model and admin call, no keys) on "
+                "%s only; pass --auth-config FILE to serve other hosts",
+                cfg.host,
+            )
+        else:
+            log.warning(
+                "no --auth-config and --insecure: serving open on %s; anyone who can "
+                "reach it may use every model and the admin calls",
+                cfg.host,
+            )
 
     async def _serve_aiohttp(self, app: web.Application, port: int) -> int:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -164,10 +225,11 @@ class Gateway:
         await self.housekeeper.refresh_devices()
 
     async def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        for task in (self._poller, self._auth_watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.housekeeper.close()
         await self.manager.close()
         if self._grpc is not None:
@@ -176,6 +238,7 @@ class Gateway:
             await runner.cleanup()
         await self.clients.close()
         await self.store.close()
+        self.audit.close()
 
 
 #: Parses ``ready_line``: what supervisors, tests and benchmarks wait for on stdout.

@@ -10,9 +10,13 @@ import urllib.request
 from typing import Any
 
 
-def fetch(url: str, timeout_s: float = 5.0) -> dict[str, Any]:
+def fetch(url: str, timeout_s: float = 5.0, key: str | None = None) -> dict[str, Any]:
+    """The status JSON; ``key`` (an admin's) for a gateway with an auth config."""
     base = url if "://" in url else f"http://{url}"
-    with urllib.request.urlopen(base.rstrip("/") + "/v2/modelpool/status", timeout=timeout_s) as r:
+    request = urllib.request.Request(base.rstrip("/") + "/v2/modelpool/status")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    with urllib.request.urlopen(request, timeout=timeout_s) as r:
         return json.load(r)
 
 
@@ -111,10 +115,14 @@ def render(status: dict[str, Any], url: str, now: float | None = None) -> str:
     return "\n".join(out)
 
 
-def run(url: str, watch_s: float | None, as_json: bool) -> int:
+def run(url: str, watch_s: float | None, as_json: bool, key: str | None = None) -> int:
     while True:
         try:
-            status = fetch(url)
+            status = fetch(url, key=key)
+        except urllib.error.HTTPError as e:
+            hint = " (pass an admin key: --key or $MODELPOOL_KEY)" if e.code in (401, 403) else ""
+            print(f"modelpool status: {url} answered {e.code} {e.reason}{hint}")
+            return 1
         except (urllib.error.URLError, OSError) as e:
             print(f"modelpool status: cannot reach {url}: {e}")
             return 1

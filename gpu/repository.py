@@ -197,8 +197,14 @@ class ModelRepository:
             self.refresh(name)
             spec = self._specs.get(name)
         if spec is None:
-            raise ModelNotFound(f"model '{name}' is not in the model repository")
+            raise model_not_found(name)
         return spec
+
+
+def model_not_found(name: str) -> ModelNotFound:
+    """The error for a name the repository does not hold: one message wherever it is
+    raised, so that no caller can tell two kinds of absence apart."""
+    return ModelNotFound(f"model '{name}' is not in the model repository")
 
 
 def _is_dir(path: Path) -> bool:

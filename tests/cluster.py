@@ -67,11 +67,11 @@ def start_worker(
     return WorkerProc(proc, m[1], m[2])
 
 
-def start_gateway(repo: Path, redis_url: str, log: Path) -> Served:
+def start_gateway(repo: Path, redis_url: str, log: Path, *extra: str) -> Served:
     cmd = [
         sys.executable, "-m", "modelpool.gateway.cli", "gateway", "--model-repository", str(repo),
         "--redis-url", redis_url, "--host", "127.0.0.1",
-        "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
+        "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *extra,
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, cwd=ROOT, env=_env()
@@ -80,8 +80,12 @@ def start_gateway(repo: Path, redis_url: str, log: Path) -> Served:
     return Served(proc, int(m[1]), int(m[2]), int(m[3]), log, repo)
 
 
-def status(gateway: Served) -> dict:
-    with urllib.request.urlopen(f"http://{gateway.http_url}/v2/modelpool/status", timeout=10) as r:
+def status(gateway: Served, key: str | None = None) -> dict:
+    """The gateway's status view; ``key``: an admin's, where it has an auth config."""
+    request = urllib.request.Request(f"http://{gateway.http_url}/v2/modelpool/status")
+    if key is not None:
+        request.add_header("Authorization", f"Bearer {key}")
+    with urllib.request.urlopen(request, timeout=10) as r:
         return json.load(r)
 
 

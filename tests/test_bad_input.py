@@ -575,7 +575,10 @@ class _RecordingPlane:
     def __init__(self) -> None:
         self.timeouts: list[float | None] = []
 
-    def spec(self, name: str, version: str | int | None = None):
+    def authenticate(self, authorization: str | None, **audit: object) -> None:
+        return None  # auth off
+
+    def spec(self, name: str, version: str | int | None = None, tenant: object = None):
         if name != "m":
             raise ModelNotFound(f"model '{name}' is not in the model repository")
         return None, 1
@@ -587,6 +590,7 @@ class _RecordingPlane:
         model: str | None = None,
         raw: bytes | None = None,
         client_timeout_s: float | None = None,
+        tenant: object = None,
     ) -> InferOutcome:
         if callable(request):
             request()  # a parse failure raises here, as in the real data plane
@@ -638,6 +642,12 @@ class _Context:
 
     def time_remaining(self) -> float | None:
         return self.remaining
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
 
     async def abort(self, code, details, trailing_metadata=()) -> None:
         raise _Aborted(code, details)
