@@ -70,7 +70,7 @@ def test_a_rate_limit_is_a_429_for_that_tenant_only(tenants) -> None:
     server, keys = tenants
     codes = [_infer(server, "shared", keys["tight"])[0] for _ in range(6)]
     assert codes[:2] == [200, 200] and 429 in codes
-    code, doc, headers = next(
+    _, doc, headers = next(
         r for r in (_infer(server, "shared", keys["tight"]) for _ in range(3)) if r[0] == 429
     )
     assert "Retry-After" in headers and "tight" in doc["error"]
