@@ -18,7 +18,9 @@ from modelpool.loadtests.options import (
     LoadOptions,
     load_scenario,
     merge,
+    merge_tenants,
     parse_models,
+    parse_tenant,
 )
 from modelpool.loadtests.report import Report
 from modelpool.loadtests.runner import run_load, stderr_progress
@@ -49,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--zipf", type=float, default=None, help="popularity exponent (default 1.1)")
     run.add_argument("--tenants", type=int, default=None, help="tenants, each skewed its own way")
+    run.add_argument(
+        "--tenant",
+        dest="tenant_specs",
+        metavar="NAME:KEY:RATE",
+        type=_tenant_arg,
+        action="append",
+        default=None,
+        help="a keyed tenant with its own stream at RATE rps (repeatable; KEY may be empty "
+        "for an open server; NAME:KEY: takes the scenario's rate or --rate). Over a "
+        "scenario's tenant of that name it sets the key and rate",
+    )
     run.add_argument("--arrival", choices=ARRIVALS, default=None, help="default poisson")
     run.add_argument("--seed", type=int, default=None)
     run.add_argument(
@@ -67,11 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tenant_arg(text: str) -> object:
+    try:
+        return parse_tenant(text)
+    except ValueError as e:
+        # argparse prints this message, not the argument (it may hold a key).
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def options_from(args: argparse.Namespace) -> LoadOptions:
     scenario = load_scenario(args.scenario) if args.scenario else {}
     workload = {k: getattr(args, k) for k in (
         "models", "duration", "rate", "zipf", "tenants", "arrival", "seed", "max_outstanding", "timeout",
     )}  # fmt: skip
+    if args.tenant_specs or "tenant_specs" in scenario:
+        scenario["tenant_specs"] = merge_tenants(
+            scenario.get("tenant_specs", ()), args.tenant_specs
+        )
     target = {"url": args.url, "protocol": args.protocol, "metrics_url": args.metrics_url}
     return merge(target, scenario, workload)
 

@@ -120,8 +120,10 @@ def _inputs(module: Any, info: ModelInfo, seed: int, **flags: bool) -> list[Any]
 
 
 class _Base:
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, headers: dict[str, str] | None) -> None:
         self.timeout_s = timeout_s
+        #: Sent with every call (a tenant's ``authorization``); None: none.
+        self.headers = headers
 
     async def _call(self, what: str, coro: Any) -> Any:
         try:
@@ -134,21 +136,25 @@ class _Base:
 
 
 class GrpcAdapter(_Base):
-    def __init__(self, url: str, timeout_s: float) -> None:
-        super().__init__(timeout_s)
+    def __init__(self, url: str, timeout_s: float, headers: dict[str, str] | None = None) -> None:
+        super().__init__(timeout_s, headers)
         self._client = grpc_aio.InferenceServerClient(url)
 
     async def index(self) -> list[IndexEntry]:
         resp = await self._call(
             "repository index",
-            self._client.get_model_repository_index(client_timeout=self.timeout_s),
+            self._client.get_model_repository_index(
+                headers=self.headers, client_timeout=self.timeout_s
+            ),
         )
         return [IndexEntry(m.name, m.version, m.state) for m in resp.models]
 
     async def model_info(self, name: str) -> ModelInfo:
         meta = await self._call(
             f"metadata of {name}",
-            self._client.get_model_metadata(name, client_timeout=self.timeout_s),
+            self._client.get_model_metadata(
+                name, headers=self.headers, client_timeout=self.timeout_s
+            ),
         )
         inputs = tuple(
             TensorSpec(t.name, t.datatype, tuple(int(d) for d in t.shape)) for t in meta.inputs
@@ -159,15 +165,22 @@ class GrpcAdapter(_Base):
         return _inputs(tgrpc, info, seed)
 
     async def infer(self, model: str, prepared: Any) -> None:
-        await self._call(model, self._client.infer(model, prepared, client_timeout=self.timeout_s))
+        await self._call(
+            model,
+            self._client.infer(
+                model, prepared, headers=self.headers, client_timeout=self.timeout_s
+            ),
+        )
 
     async def close(self) -> None:
         await self._client.close()
 
 
 class HttpAdapter(_Base):
-    def __init__(self, url: str, timeout_s: float, connections: int) -> None:
-        super().__init__(timeout_s)
+    def __init__(
+        self, url: str, timeout_s: float, connections: int, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(timeout_s, headers)
         # One connection per outstanding request: the default pool (100) would queue
         # requests inside the client, which an open-loop run must not do.
         self._client = http_aio.InferenceServerClient(
@@ -175,11 +188,15 @@ class HttpAdapter(_Base):
         )
 
     async def index(self) -> list[IndexEntry]:
-        doc = await self._call("repository index", self._client.get_model_repository_index())
+        doc = await self._call(
+            "repository index", self._client.get_model_repository_index(headers=self.headers)
+        )
         return [IndexEntry(m["name"], str(m.get("version", "")), m.get("state", "")) for m in doc]
 
     async def model_info(self, name: str) -> ModelInfo:
-        meta = await self._call(f"metadata of {name}", self._client.get_model_metadata(name))
+        meta = await self._call(
+            f"metadata of {name}", self._client.get_model_metadata(name, headers=self.headers)
+        )
         inputs = tuple(
             TensorSpec(t["name"], t["datatype"], tuple(int(d) for d in t["shape"]))
             for t in meta["inputs"]
@@ -190,15 +207,23 @@ class HttpAdapter(_Base):
         return _inputs(thttp, info, seed, binary_data=True)
 
     async def infer(self, model: str, prepared: Any) -> None:
-        await self._call(model, self._client.infer(model, prepared))
+        await self._call(model, self._client.infer(model, prepared, headers=self.headers))
 
     async def close(self) -> None:
         await self._client.close()
 
 
-def connect(protocol: str, url: str, timeout_s: float, connections: int) -> Adapter:
+def connect(
+    protocol: str,
+    url: str,
+    timeout_s: float,
+    connections: int,
+    headers: dict[str, str] | None = None,
+) -> Adapter:
+    """``headers`` go with every call: ``{"authorization": "Bearer KEY"}`` for a tenant
+    (lower-case: gRPC metadata keys must be)."""
     if protocol == "grpc":
-        return GrpcAdapter(url, timeout_s)
+        return GrpcAdapter(url, timeout_s, headers)
     if protocol == "http":
-        return HttpAdapter(url, timeout_s, connections)
+        return HttpAdapter(url, timeout_s, connections, headers)
     raise ValueError(f"unknown protocol {protocol!r}")

@@ -19,6 +19,9 @@ from modelpool.loadtests.probe import MetricsSample
 DROPPED = "dropped"
 #: Error kind of a request still unanswered when the run's drain deadline passed.
 UNFINISHED = "unfinished"
+#: Error kinds of a request the server refused for its tenant's limits: HTTP 429, and
+#: gRPC RESOURCE_EXHAUSTED (which a request over the server's size limit gets too).
+REJECTED_KINDS = frozenset({"http_429", "RESOURCE_EXHAUSTED"})
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,25 @@ class ModelFigures:
 
 
 @dataclass(frozen=True)
+class TenantFigures:
+    """One keyed tenant's stream: ``sent`` = ``ok`` + ``rejected`` + ``errors``.
+    Latencies (ms) are of its ``ok`` requests."""
+
+    rate_rps: float
+    sent: int
+    ok: int
+    #: Refused for the tenant's limits (``REJECTED_KINDS``): 429 / RESOURCE_EXHAUSTED.
+    rejected: int
+    #: Every other failure, dropped and timed-out requests included.
+    errors: int
+    errors_by_kind: dict[str, int]
+    p50: float | None
+    p95: float | None
+    p99: float | None
+    max: float | None
+
+
+@dataclass(frozen=True)
 class Latency:
     p50: float | None
     p95: float | None
@@ -87,9 +109,13 @@ def latency_ms(seconds: list[float]) -> Latency:
 
 
 class Recorder:
-    """Collects outcomes as they finish and cuts them into one-second windows."""
+    """Collects outcomes as they finish and cuts them into one-second windows.
+    ``names``: keyed tenants by index, for per-tenant counts in the progress line."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: tuple[str, ...] = ()) -> None:
+        self.names = names
+        self._tenant_ok = [0] * len(names)
+        self._tenant_rejected = [0] * len(names)
         self.outcomes: list[Outcome] = []
         self.sent = 0
         self._latencies: list[float] = []
@@ -105,6 +131,11 @@ class Recorder:
         self._window.append(outcome)
         if outcome.latency_s is not None:
             self._latencies.append(outcome.latency_s)
+        if self.names:
+            if outcome.error is None:
+                self._tenant_ok[outcome.tenant] += 1
+            elif outcome.error in REJECTED_KINDS:
+                self._tenant_rejected[outcome.tenant] += 1
 
     def tick(self, t: float, sample: MetricsSample | None) -> SeriesPoint:
         window = latency_ms([o.latency_s for o in self._window if o.latency_s is not None])
@@ -126,10 +157,15 @@ class Recorder:
         """One status line: totals so far, and the last second's completion rate."""
         so_far = latency_ms(self._latencies)
         errors = sum(1 for o in self.outcomes if o.error is not None)
-        return (
+        line = (
             f"[{t:6.1f}s] sent={self.sent} done={len(self.outcomes)} errors={errors} "
             f"rps={point.done} p50={_ms(so_far.p50)} p99={_ms(so_far.p99)}"
         )
+        for name, ok, rejected in zip(
+            self.names, self._tenant_ok, self._tenant_rejected, strict=True
+        ):
+            line += f" | {name} ok={ok} 429={rejected}"
+        return line
 
 
 def _ms(value: float | None) -> str:
@@ -159,6 +195,8 @@ class Report:
     models: dict[str, ModelFigures]
     series: tuple[SeriesPoint, ...]
     plots: tuple[str, ...] = field(default=())
+    #: Keyed tenants' rows, in the order given; empty for a single-stream run.
+    tenants: dict[str, TenantFigures] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
@@ -179,10 +217,15 @@ class Report:
         o = self.options
         lat = self.latency_ms
         rate = "-" if self.cold_start_rate is None else f"{self.cold_start_rate:.2%}"
+        if self.tenants:
+            offered = sum(t.rate_rps for t in self.tenants.values())
+            shape = f"{o['arrival']}, {len(self.tenants)} keyed tenant(s)"
+        else:
+            offered = o["rate"]
+            shape = f"{o['arrival']}, zipf {o['zipf']:g}, {o['tenants']} tenant(s)"
         lines = [
             f"modelpool load test: {self.protocol} {self.url}, {self.duration_s:g} s at "
-            f"{o['rate']:g} rps ({o['arrival']}, zipf {o['zipf']:g}, {o['tenants']} tenant(s), "
-            f"{len(self.models)} models)",
+            f"{offered:g} rps ({shape}, {len(self.models)} models)",
             f"requests {self.requests}  errors {self.errors}  throughput {self.throughput_rps:.1f} rps"
             f"  cold-start rate {rate}",
             f"latency ms  p50 {_num(lat.p50)}  p95 {_num(lat.p95)}  p99 {_num(lat.p99)}"
@@ -197,7 +240,23 @@ class Report:
         if self.errors_by_kind:
             kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.errors_by_kind.items()))
             lines.append(f"errors by kind: {kinds}")
+        if self.tenants:
+            lines += ["", *tenant_table(self.tenants)]
         return "\n".join(lines)
+
+
+def tenant_table(tenants: dict[str, TenantFigures]) -> list[str]:
+    """Per-tenant rows: what each sent, what came back, and its latencies (ms)."""
+    lines = [
+        f"{'tenant':<16} {'rps':>7} {'sent':>7} {'ok':>7} {'429s':>7} {'errors':>6}"
+        f" {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
+    ]
+    for name, t in tenants.items():
+        lines.append(
+            f"{name:<16} {t.rate_rps:>7g} {t.sent:>7} {t.ok:>7} {t.rejected:>7} {t.errors:>6}"
+            f" {_num(t.p50):>8} {_num(t.p95):>8} {_num(t.p99):>8}"
+        )
+    return lines
 
 
 def _num(value: float | None) -> str:
@@ -229,6 +288,7 @@ def build_report(
             p99=lat.p99,
             rank=ranks[name],
         )
+    tenants = tenant_figures(options, outcomes)
     server_requests = server_cold = rate = None
     if before is not None and after is not None:
         server_requests = after.requests_total - before.requests_total
@@ -256,4 +316,31 @@ def build_report(
         server_cold_starts=server_cold,
         models=models,
         series=tuple(series),
+        tenants=tenants,
     )
+
+
+def tenant_figures(options: LoadOptions, outcomes: list[Outcome]) -> dict[str, TenantFigures]:
+    """Rows of the keyed tenants (``Outcome.tenant`` indexes ``options.tenant_specs``)."""
+    rows: list[list[Outcome]] = [[] for _ in options.tenant_specs]
+    for o in outcomes:
+        if o.tenant < len(rows):
+            rows[o.tenant].append(o)
+    figures = {}
+    for spec, mine in zip(options.tenant_specs, rows, strict=True):
+        kinds = Counter(o.error for o in mine if o.error is not None)
+        rejected = sum(n for k, n in kinds.items() if k in REJECTED_KINDS)
+        lat = latency_ms([o.latency_s for o in mine if o.latency_s is not None])
+        figures[spec.name] = TenantFigures(
+            rate_rps=options.rate_of(spec),
+            sent=len(mine),
+            ok=sum(1 for o in mine if o.error is None),
+            rejected=rejected,
+            errors=sum(kinds.values()) - rejected,
+            errors_by_kind=dict(kinds),
+            p50=lat.p50,
+            p95=lat.p95,
+            p99=lat.p99,
+            max=lat.max,
+        )
+    return figures

@@ -4,6 +4,11 @@ Arrivals are sent at their scheduled time whether or not earlier requests have b
 answered, so a slow server shows up as latency and errors, not as a lower offered
 rate. The run is bounded: the schedule ends at ``duration``, at most
 ``max_outstanding`` requests are in flight, and stragglers get ``timeout`` seconds.
+
+With keyed tenants (``options.tenant_specs``) each tenant is a stream of its own: its
+own connection carrying its key, its own arrivals at its own rate, its own
+``max_outstanding``; the streams are merged in time and sent by one loop, so one
+tenant's slow replies never hold back another's sending.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from modelpool.loadtests.client import Adapter, RequestFailed, connect
-from modelpool.loadtests.options import LoadOptions
+from modelpool.loadtests.options import LoadOptions, TenantSpec
 from modelpool.loadtests.probe import MetricsProbe
 from modelpool.loadtests.report import (
     DROPPED,
@@ -29,7 +35,16 @@ from modelpool.loadtests.report import (
     SeriesPoint,
     build_report,
 )
-from modelpool.loadtests.workload import Arrival, arrivals, plan_workload
+from modelpool.loadtests.workload import (
+    Arrival,
+    Workload,
+    arrivals,
+    combined_rank,
+    merge_streams,
+    plan_workload,
+    stream_seed,
+    tenant_arrivals,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,41 +72,130 @@ async def discover_models(adapter: Adapter, wanted: tuple[str, ...]) -> list[str
     return list(wanted)
 
 
+@dataclass
+class _Lane:
+    """Where a stream's requests go: its adapter (with its key), the inputs prepared
+    per model, and how many of its requests are in flight."""
+
+    adapter: Adapter
+    prepared: dict[str, Any]
+    inflight: int = 0
+
+    def done(self) -> None:
+        self.inflight -= 1
+
+
+@dataclass(frozen=True)
+class _Plan:
+    lanes: tuple[_Lane, ...]
+    schedule: Iterable[Arrival]
+    #: Model -> popularity rank over the whole run.
+    ranks: dict[str, int]
+    #: Whether ``Arrival.tenant`` picks the lane (keyed tenants) or all share lane 0.
+    per_tenant: bool
+
+
+async def _prepare(adapter: Adapter, models: list[str], seed: int) -> dict[str, Any]:
+    return {
+        name: adapter.prepare(await adapter.model_info(name), seed + i)
+        for i, name in enumerate(models)
+    }
+
+
+async def _plan_single(options: LoadOptions, adapter: Adapter) -> _Plan:
+    models = await discover_models(adapter, options.models)
+    prepared = await _prepare(adapter, models, options.seed)
+    workload = plan_workload(models, options.zipf, options.tenants, options.seed)
+    log.info(
+        "sending %s to %d models at %s rps for %s s (%s, zipf %s, %d tenants)",
+        options.protocol, len(models), options.rate, options.duration,
+        options.arrival, options.zipf, options.tenants,
+    )  # fmt: skip
+    schedule = arrivals(workload, options.rate, options.duration, options.arrival, options.seed)
+    return _Plan((_Lane(adapter, prepared),), schedule, workload.rank, per_tenant=False)
+
+
+async def _plan_tenants(options: LoadOptions, adapters: list[Adapter]) -> _Plan:
+    lanes: list[_Lane] = []
+    streams: list[Iterator[Arrival]] = []
+    workloads: list[Workload] = []
+    rates: list[float] = []
+    for i, (spec, adapter) in enumerate(zip(options.tenant_specs, adapters, strict=True)):
+        try:
+            # Discovered with the tenant's key: the index lists the models it sees.
+            models = await discover_models(adapter, spec.models or options.models)
+        except (RequestFailed, RuntimeError) as e:
+            raise RuntimeError(f"tenant {spec.name}: {e}") from e
+        lanes.append(_Lane(adapter, await _prepare(adapter, models, options.seed)))
+        seed = stream_seed(options.seed, spec.name)
+        zipf = spec.zipf if spec.zipf is not None else options.zipf
+        rate = options.rate_of(spec)
+        workload = plan_workload(models, zipf, 1, seed)
+        log.info(
+            "tenant %s (%s): %d models at %s rps, zipf %s",
+            spec.name, "keyed" if spec.key else "no key", len(models), rate, zipf,
+        )  # fmt: skip
+        streams.append(tenant_arrivals(workload, rate, options.duration, options.arrival, seed, i))
+        workloads.append(workload)
+        rates.append(rate)
+    log.info(
+        "sending %s for %s s (%s), %d tenant streams, %s rps in all",
+        options.protocol, options.duration, options.arrival, len(lanes), options.total_rate,
+    )  # fmt: skip
+    return _Plan(
+        tuple(lanes), merge_streams(streams), combined_rank(workloads, rates), per_tenant=True
+    )
+
+
+def _connect_tenant(options: LoadOptions, spec: TenantSpec) -> Adapter:
+    return connect(
+        options.protocol, options.url, options.timeout, options.max_outstanding, spec.headers
+    )
+
+
 async def run_load(
     options: LoadOptions,
     progress: Progress | None = stderr_progress,
     stop: asyncio.Event | None = None,
     adapter: Adapter | None = None,
+    adapters: Mapping[str, Adapter] | None = None,
 ) -> Report:
     """One load test against ``options.url``. ``progress`` gets a line per second;
     setting ``stop`` ends the schedule early and still returns a report. ``adapter``
-    replaces the tritonclient one (another protocol, or a fake in tests); it is closed."""
-    if adapter is None:
-        adapter = connect(options.protocol, options.url, options.timeout, options.max_outstanding)
+    replaces the tritonclient one (another protocol, or a fake in tests); with keyed
+    tenants ``adapters`` does, by tenant name (a tenant not in it connects with its
+    key). Every adapter used is closed."""
+    if options.tenant_specs:
+        if adapter is not None:
+            raise ValueError("keyed tenants take adapters={name: adapter}, not adapter=")
+        given = adapters or {}
+        opened = [
+            given.get(spec.name) or _connect_tenant(options, spec) for spec in options.tenant_specs
+        ]
+    else:
+        if adapter is None:
+            adapter = connect(
+                options.protocol, options.url, options.timeout, options.max_outstanding
+            )
+        opened = [adapter]
     probe = MetricsProbe(options.resolved_metrics_url)
     try:
-        models = await discover_models(adapter, options.models)
-        prepared = {
-            name: adapter.prepare(await adapter.model_info(name), options.seed + i)
-            for i, name in enumerate(models)
-        }
-        workload = plan_workload(models, options.zipf, options.tenants, options.seed)
-        log.info(
-            "sending %s to %d models at %s rps for %s s (%s, zipf %s, %d tenants)",
-            options.protocol, len(models), options.rate, options.duration,
-            options.arrival, options.zipf, options.tenants,
-        )  # fmt: skip
-        schedule = arrivals(workload, options.rate, options.duration, options.arrival, options.seed)
+        if options.tenant_specs:
+            plan = await _plan_tenants(options, opened)
+        else:
+            plan = await _plan_single(options, opened[0])
         before = await probe.scrape()
         started_at = time.time()
-        driver = _Driver(options, adapter, probe, prepared, progress, stop)
-        elapsed = await driver.run(schedule)
+        names = tuple(t.name for t in options.tenant_specs)
+        driver = _Driver(options, plan, probe, progress, stop, Recorder(names))
+        elapsed = await driver.run(plan.schedule)
         after = await probe.scrape()
     finally:
         await probe.close()
-        await adapter.close()
+        for a in opened:
+            await a.close()
     return build_report(
-        options, driver.recorder.outcomes, workload.rank, driver.series, before, after,
+        options, driver.recorder.outcomes, plan.ranks, driver.series, before, after,
         started_at, elapsed,
     )  # fmt: skip
 
@@ -100,19 +204,19 @@ class _Driver:
     def __init__(
         self,
         options: LoadOptions,
-        adapter: Adapter,
+        plan: _Plan,
         probe: MetricsProbe,
-        prepared: dict[str, Any],
         progress: Progress | None,
         stop: asyncio.Event | None,
+        recorder: Recorder,
     ) -> None:
         self.options = options
-        self.adapter = adapter
+        self.lanes = plan.lanes
+        self.per_tenant = plan.per_tenant
         self.probe = probe
-        self.prepared = prepared
         self.progress = progress
         self.stop = stop or asyncio.Event()
-        self.recorder = Recorder()
+        self.recorder = recorder
         self.series: list[SeriesPoint] = []
         self.inflight: set[asyncio.Task[None]] = set()
         self.start = 0.0
@@ -146,19 +250,23 @@ class _Driver:
 
     def _send(self, a: Arrival) -> None:
         self.recorder.on_sent()
-        if len(self.inflight) >= self.options.max_outstanding:
+        lane = self.lanes[a.tenant if self.per_tenant else 0]
+        if lane.inflight >= self.options.max_outstanding:
             self.recorder.on_finished(Outcome(a.model, a.tenant, a.t, 0.0, a.t, None, DROPPED))
             return
-        task = asyncio.create_task(self._one(a))
+        task = asyncio.create_task(self._one(a, lane))
+        lane.inflight += 1
         self.inflight.add(task)
         task.add_done_callback(self.inflight.discard)
+        # A callback, not a finally: a task cancelled before it ever ran leaves too.
+        task.add_done_callback(lambda _: lane.done())
 
-    async def _one(self, a: Arrival) -> None:
+    async def _one(self, a: Arrival, lane: _Lane) -> None:
         sent = self._now()
         latency: float | None = None
         error: str | None = None
         try:
-            await self.adapter.infer(a.model, self.prepared[a.model])
+            await lane.adapter.infer(a.model, lane.prepared[a.model])
             latency = self._now() - sent
         except RequestFailed as e:
             error = e.kind

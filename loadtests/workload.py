@@ -7,9 +7,11 @@ the generator is unit-tested without a server.
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import random
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 # Bursty traffic alternates a burst at BURST_FACTOR x the mean rate for BURST_FRACTION of
@@ -139,3 +141,36 @@ def arrivals(
         # min(): the last cumulative weight may round to just under 1.0.
         k = min(bisect.bisect_right(tenant.cumulative, rng.random()), len(tenant.order) - 1)
         yield Arrival(t, tenant.order[k], tenant.index)
+
+
+# -- keyed tenants: one stream each ---------------------------------------------------
+
+
+def stream_seed(seed: int, name: str) -> int:
+    """A keyed tenant's own seed, from its name: adding or dropping another tenant
+    leaves this one's arrivals exactly as they were (a noisy neighbour's run replays
+    the quiet tenant's requests of the run without it)."""
+    return zlib.crc32(f"{seed}:tenant:{name}".encode())
+
+
+def tenant_arrivals(
+    workload: Workload, rate: float, duration: float, arrival: str, seed: int, index: int
+) -> Iterator[Arrival]:
+    """One keyed tenant's stream, its arrivals labelled with the tenant's ``index``."""
+    for a in arrivals(workload, rate, duration, arrival, seed):
+        yield Arrival(a.t, a.model, index)
+
+
+def merge_streams(streams: Iterable[Iterator[Arrival]]) -> Iterator[Arrival]:
+    """Independent streams as one, in time order (ties: the earlier stream first)."""
+    return heapq.merge(*streams, key=lambda a: a.t)
+
+
+def combined_rank(workloads: Sequence[Workload], rates: Sequence[float]) -> dict[str, int]:
+    """1 for the most requested model over streams sending at ``rates``; ties by name."""
+    share: dict[str, float] = {}
+    for w, rate in zip(workloads, rates, strict=True):
+        for model, s in w.share.items():
+            share[model] = share.get(model, 0.0) + s * rate
+    ranked = sorted(share, key=lambda m: (-round(share[m], 9), m))
+    return {m: r for r, m in enumerate(ranked, start=1)}

@@ -26,10 +26,27 @@ from modelpool.loadtests.client import (
     concrete_shape,
     random_inputs,
 )
-from modelpool.loadtests.options import SCENARIO_DIR, default_metrics_url, load_scenario, merge
+from modelpool.loadtests.options import (
+    SCENARIO_DIR,
+    TenantSpec,
+    default_metrics_url,
+    load_scenario,
+    merge,
+    merge_tenants,
+    parse_tenant,
+)
 from modelpool.loadtests.plots import PLOTS
-from modelpool.loadtests.report import DROPPED, latency_ms, percentile
-from modelpool.loadtests.workload import arrival_times, arrivals, plan_workload, zipf_weights
+from modelpool.loadtests.report import DROPPED, Outcome, latency_ms, percentile, tenant_figures
+from modelpool.loadtests.workload import (
+    arrival_times,
+    arrivals,
+    combined_rank,
+    merge_streams,
+    plan_workload,
+    stream_seed,
+    tenant_arrivals,
+    zipf_weights,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = [f"m{i}" for i in range(8)]
@@ -165,6 +182,144 @@ def test_percentiles_match_numpy() -> None:
     assert latency_ms([]).p50 is None
 
 
+# -- keyed tenants: options, streams, rows -----------------------------------------------
+
+KEY = "k3y-with:colon_-Zz09"
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("quiet:abc:20", TenantSpec("quiet", "abc", 20.0)),
+        ("open::5", TenantSpec("open", "", 5.0)),
+        ("q:abc", TenantSpec("q", "abc", None)),
+        ("q:abc:", TenantSpec("q", "abc", None)),
+        ("q:", TenantSpec("q", "", None)),
+        (f"q:{KEY}:2.5", TenantSpec("q", KEY, 2.5)),
+    ],
+)
+def test_parse_tenant(text: str, want: TenantSpec) -> None:
+    assert parse_tenant(text) == want
+
+
+@pytest.mark.parametrize(
+    "text", ["quiet", "q:k:fast", "q:k:-1", "q:k:0", "q:k:inf", "bad name:k:1", ":k:1",
+             "q:a b:1", "q:a\nb:1"],
+)  # fmt: skip
+def test_parse_tenant_refuses(text: str) -> None:
+    with pytest.raises(ValueError) as e:
+        parse_tenant(text)
+    if "a b" in text:
+        assert "a b" not in str(e.value), "a key must never be echoed"
+
+
+def test_scenario_tenants_list_and_flags_over_it(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"duration": 5, "rate": 7, "tenants": [
+        {"name": "quiet", "key": "", "rate": 20, "zipf": 0.5, "models": ["a", "b"]},
+        {"name": "noisy", "rate": 200},
+        {"name": "lazy", "key": "kept"},
+    ]}))  # fmt: skip
+    scenario = load_scenario(str(path))
+    flags = [parse_tenant("quiet:QK:"), parse_tenant("noisy:NK:50"), parse_tenant("lazy::"),
+             parse_tenant("extra::3")]  # fmt: skip
+    scenario["tenant_specs"] = merge_tenants(scenario["tenant_specs"], flags)
+    o = merge({"url": "h:8001", "protocol": "grpc"}, scenario, {})
+    by = {t.name: t for t in o.tenant_specs}
+    assert list(by) == ["quiet", "noisy", "lazy", "extra"]
+    assert by["quiet"] == TenantSpec("quiet", "QK", 20.0, 0.5, ("a", "b")), "flag set the key"
+    assert (by["noisy"].key, by["noisy"].rate) == ("NK", 50.0), "flag's rate wins"
+    assert (by["lazy"].key, by["lazy"].rate) == ("kept", None), "empty flag key keeps"
+    assert o.rate_of(by["lazy"]) == 7.0, "no rate of its own: the run's"
+    assert o.total_rate == 20 + 50 + 7 + 3
+    doc = json.dumps(o.to_dict())
+    assert "QK" not in doc and "NK" not in doc and "kept" not in doc, "report.json holds keys"
+    assert o.to_dict()["tenant_specs"][0]["keyed"] is True
+
+
+@pytest.mark.parametrize(
+    ("doc", "match"),
+    [
+        ({"tenants": []}, "empty list"),
+        ({"tenants": [{"name": "a", "rate": 1, "burst": 3}]}, "unknown keys"),
+        ({"tenants": [{"name": "a", "rate": "fast"}]}, "'rate' must be a number"),
+        ({"tenants": [{"rate": 1}]}, "'name' must be a string"),
+        ({"tenants": [{"name": "a", "models": 3}]}, "'models'"),
+    ],
+)
+def test_bad_scenario_tenants(tmp_path: Path, doc: dict, match: str) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=match):
+        load_scenario(str(path))
+
+
+def test_keyed_tenants_options_are_bounded() -> None:
+    base = {"url": "127.0.0.1:8001"}
+    with pytest.raises(ValueError, match="given twice"):
+        LoadOptions(**base, tenant_specs=(TenantSpec("a"), TenantSpec("a")))
+    with pytest.raises(ValueError, match="--tenants N"):
+        LoadOptions(**base, tenants=3, tenant_specs=(TenantSpec("a"),))
+    with pytest.raises(ValueError, match="add up"):
+        LoadOptions(**base, tenant_specs=(TenantSpec("a", rate=15_000), TenantSpec("b", rate=6000)))
+    assert TenantSpec("a", "K").headers == {"authorization": "Bearer K"}
+    assert TenantSpec("a").headers is None
+
+
+def test_cli_tenant_flags_make_options() -> None:
+    from modelpool.loadtests.__main__ import build_parser, options_from
+
+    def options(*argv: str) -> LoadOptions:
+        args = build_parser().parse_args(["run", "--url", "h:8001", "--protocol", "grpc",
+                                          "--out", "o", *argv])  # fmt: skip
+        return options_from(args)
+
+    o = options("--tenant", "quiet:QK:20", "--tenant", "noisy::200")
+    assert o.tenant_specs == (TenantSpec("quiet", "QK", 20.0), TenantSpec("noisy", "", 200.0))
+    assert options().tenant_specs == (), "no --tenant: the single stream, as before"
+    o = options("--scenario", "noisy_neighbour", "--tenant", "quiet:QK:", "--tenant", "noisy:NK:")
+    assert [(t.name, t.key, t.rate) for t in o.tenant_specs] == [
+        ("quiet", "QK", 20.0), ("noisy", "NK", 200.0)
+    ]  # fmt: skip
+    with pytest.raises(SystemExit):
+        options("--tenant", "quiet:QK:fast")
+
+
+def test_a_tenants_stream_does_not_depend_on_its_neighbours() -> None:
+    def stream(name: str, index: int, rate: float) -> list:
+        seed = stream_seed(0, name)
+        w = plan_workload(MODELS, 1.1, 1, seed)
+        return list(tenant_arrivals(w, rate, 10.0, "poisson", seed, index))
+
+    quiet, noisy = stream("quiet", 0, 20.0), stream("noisy", 1, 200.0)
+    merged = list(merge_streams([iter(quiet), iter(noisy)]))
+    assert all(x.t <= y.t for x, y in itertools.pairwise(merged))
+    assert [a for a in merged if a.tenant == 0] == quiet
+    assert len(quiet) == pytest.approx(200, rel=0.25) and len(noisy) == pytest.approx(2000, rel=0.1)
+    assert [(a.t, a.model) for a in stream("quiet", 5, 20.0)] == [(a.t, a.model) for a in quiet]
+    assert stream("other", 0, 20.0) != quiet
+    ranks = combined_rank([plan_workload(["a", "b"], 2.0, 1, 1), plan_workload(["c"], 1, 1, 1)],
+                          [1.0, 100.0])  # fmt: skip
+    assert ranks["c"] == 1 and sorted(ranks.values()) == [1, 2, 3]
+
+
+def test_tenant_rows_count_429s_apart_from_other_errors() -> None:
+    o = LoadOptions(url="h:1", rate=9.0, tenant_specs=(TenantSpec("q", rate=2.0), TenantSpec("n")))
+
+    def out(tenant: int, latency: float | None, error: str | None = None) -> Outcome:
+        return Outcome("m", tenant, 0.0, 0.0, 0.0, latency, error)
+
+    rows = tenant_figures(o, [out(0, 0.010), out(0, 0.020), out(0, None, "timeout"),
+                              out(1, None, "http_429"), out(1, None, "RESOURCE_EXHAUSTED"),
+                              out(1, None, DROPPED), out(1, 0.005)])  # fmt: skip
+    q, n = rows["q"], rows["n"]
+    assert (q.rate_rps, q.sent, q.ok, q.rejected, q.errors) == (2.0, 3, 2, 0, 1)
+    assert q.p50 == pytest.approx(15.0) and q.p95 is not None and q.p99 == pytest.approx(19.9)
+    assert (n.rate_rps, n.sent, n.ok, n.rejected, n.errors) == (9.0, 4, 1, 2, 1)
+    assert n.errors_by_kind == {"http_429": 1, "RESOURCE_EXHAUSTED": 1, DROPPED: 1}
+    assert tenant_figures(LoadOptions(url="h:1"), [out(0, 0.01)]) == {}
+
+
 # -- the driver, with a fake server ------------------------------------------------------
 
 
@@ -235,6 +390,70 @@ async def test_outstanding_cap_drops_and_counts_errors() -> None:
     failed = report.errors_by_kind["UNAVAILABLE"]
     assert 0 < failed <= report.models["a"].errors
     assert report.latency_ms.max is not None, "answered requests still have latencies"
+
+
+class Limited(SlowFake):
+    """A tenant held to ``per_s`` admitted requests a second; the rest get 429 at once."""
+
+    def __init__(self, delay: float, per_s: float, kind: str = "http_429") -> None:
+        super().__init__(delay)
+        self.per_s, self.kind, self.admitted, self.first = per_s, kind, 0, None
+
+    async def infer(self, model: str, prepared: Any) -> None:
+        now = asyncio.get_running_loop().time()
+        self.first = self.first if self.first is not None else now
+        if self.admitted >= 1 + (now - self.first) * self.per_s:
+            self.sent += 1
+            raise RequestFailed(self.kind, "over the limit")
+        self.admitted += 1
+        await super().infer(model, prepared)
+
+
+async def test_keyed_tenants_each_get_their_stream_and_row() -> None:
+    quiet, noisy = SlowFake(delay=0.01), Limited(delay=0.01, per_s=10, kind="RESOURCE_EXHAUSTED")
+    opts = _fake_options(
+        duration=2.0,
+        tenant_specs=(TenantSpec("quiet", "QK", 20.0), TenantSpec("noisy", "NK", 200.0)),
+    )
+    lines: list[str] = []
+    report = await asyncio.wait_for(
+        run_load(opts, progress=lines.append, adapters={"quiet": quiet, "noisy": noisy}), 15
+    )
+    assert quiet.closed and noisy.closed
+    q, n = report.tenants["quiet"], report.tenants["noisy"]
+    assert q.sent == quiet.sent == pytest.approx(40, rel=0.4)
+    assert (q.ok, q.rejected, q.errors) == (q.sent, 0, 0)
+    assert n.sent == noisy.sent == pytest.approx(400, rel=0.2)
+    assert n.ok == noisy.admitted and n.rejected == n.sent - n.ok > n.ok
+    assert q.p50 is not None and q.p99 is not None and q.p50 <= q.p99
+    assert report.requests == q.sent + n.sent
+    assert report.errors_by_kind == {"RESOURCE_EXHAUSTED": n.rejected}
+    assert "| quiet ok=" in lines[-1] and "| noisy ok=" in lines[-1]
+    table = report.table()
+    assert "keyed tenant(s)" in table and "429s" in table
+    assert any(row.split()[:2] == ["noisy", "200"] for row in table.splitlines())
+    assert report.to_dict()["tenants"]["noisy"]["rejected"] == n.rejected
+    assert "QK" not in report.to_json()
+
+
+async def test_a_tenants_outstanding_cap_is_its_own() -> None:
+    """A neighbour stuck with replies that never come fills its own cap, not quiet's."""
+    quiet, stuck = SlowFake(delay=0.01), SlowFake(delay=60.0)
+    opts = _fake_options(duration=1.0, max_outstanding=5, timeout=0.5,
+                         tenant_specs=(TenantSpec("quiet", rate=30.0), TenantSpec("stuck", rate=50.0)))  # fmt: skip
+    report = await asyncio.wait_for(
+        run_load(opts, progress=None, adapters={"quiet": quiet, "stuck": stuck}), 15
+    )
+    q, s = report.tenants["quiet"], report.tenants["stuck"]
+    assert q.ok == q.sent > 0 and q.errors == 0
+    assert s.errors_by_kind[DROPPED] == s.sent - stuck.sent > 0
+    assert stuck.sent <= 5 + 1
+
+
+async def test_keyed_tenants_take_adapters_not_adapter() -> None:
+    opts = _fake_options(tenant_specs=(TenantSpec("a"),))
+    with pytest.raises(ValueError, match="adapters="):
+        await run_load(opts, progress=None, adapter=SlowFake(delay=0.0))
 
 
 # -- against the real server ----------------------------------------------------------
