@@ -10,15 +10,13 @@ PART=${PART:-all}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-# modelpool is not installed there: its folders import as modelpool.<folder>
-# (setuptools package-dir), so a tree of links gives them that name, as for mypy.
-mkdir -p build/gpu-path/modelpool
-for p in gateway placement gpu cache loadtests; do ln -sfn "../../../$p" "build/gpu-path/modelpool/$p"; done
+# modelpool is not installed there: typecheck/modelpool (links to the folders, also
+# what mypy reads) gives them their installed names.
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD/build/gpu-path:$PWD
+  export PYTHONPATH=/tmp/site:$PWD/typecheck:$PWD
 else
-  export PYTHONPATH=$PWD/build/gpu-path:$PWD
+  export PYTHONPATH=$PWD/typecheck:$PWD
 fi
 export PYTHONUNBUFFERED=1
 {

@@ -10,10 +10,8 @@ scripts/install-services.sh
 echo "==> ruff"
 .venv/bin/ruff check .
 echo "==> mypy"
-# The folders install as modelpool.<folder> (setuptools package-dir); mypy reads them
-# under that name through a tree of links.
-mkdir -p build/typecheck/modelpool
-for p in gateway placement gpu cache loadtests; do ln -sfn "../../../$p" "build/typecheck/modelpool/$p"; done
-MYPYPATH=build/typecheck .venv/bin/mypy -p modelpool
+# The folders install as modelpool.<folder>; mypy finds them under that name through
+# typecheck/modelpool (links; mypy_path in pyproject.toml).
+.venv/bin/mypy -p modelpool
 echo "==> pytest"
 exec .venv/bin/python -m pytest "$@"
