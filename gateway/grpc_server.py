@@ -21,7 +21,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from modelpool.gateway.dataplane import DataPlane
 from modelpool.gateway.errors import retry_after, status_of
 from modelpool.gateway.tenants import Tenant
-from modelpool.gateway.validate import client_timeout, grpc_timeout_parameter, raising
+from modelpool.gateway.validate import client_timeout, grpc_timeout_parameter, parsed_or_deferred
 from modelpool.placement.errors import InvalidInput, ModelpoolError
 
 log = logging.getLogger(__name__)
@@ -119,11 +119,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tenant = await self._guard(context, _call(self._tenant, context, "infer"))
         # Parsed before the data plane is called, as the deadline rides in the request;
         # one that fails to parse still goes through ``dp.infer`` to be counted.
-        source: pb.ModelInferRequest | Callable[[], pb.ModelInferRequest]
-        try:
-            source, timeout_s = parse()
-        except Exception as e:
-            source, timeout_s = raising(e), None
+        source, timeout_s = parsed_or_deferred(parse)
         outcome = await self._guard(
             context,
             self.dp.infer(

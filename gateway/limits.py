@@ -134,10 +134,9 @@ class TenantLimiter:
                     retry_after_s=1.0,
                 )
         if limits.rate_rps is not None:
-            bucket = self._buckets.get(name)
-            if bucket is None:
-                bucket = self._buckets[name] = self._bucket_for(name)  # type: ignore[assignment]
-            assert bucket is not None
+            bucket = self._buckets.get(name) or self._bucket_for(name)
+            assert bucket is not None  # the tenant has a rate
+            self._buckets[name] = bucket
             wait = bucket.take(self._clock())
             if wait > 0:
                 self._reject(name, "rate")

@@ -21,7 +21,7 @@ from modelpool.gateway.errors import retry_after, status_of
 from modelpool.gateway.proto_json import message_to_json
 from modelpool.gateway.rest_codec import HEADER_LENGTH, parse_infer, render_infer, request_timeout
 from modelpool.gateway.tenants import Tenant
-from modelpool.gateway.validate import client_timeout, raising, timeout_seconds
+from modelpool.gateway.validate import client_timeout, parsed_or_deferred, timeout_seconds
 from modelpool.gpu.repository import clip
 from modelpool.placement.errors import (
     InvalidInput,
@@ -154,11 +154,7 @@ async def infer(request: web.Request) -> web.Response:
     # Parsed before the data plane is called, as the deadline rides in the body; a
     # request that fails to parse still goes through ``dp.infer`` (raising there) so
     # it is counted like any other failed request.
-    source: pb.ModelInferRequest | Callable[[], pb.ModelInferRequest]
-    try:
-        source, timeout_s = parse()
-    except Exception as e:
-        source, timeout_s = raising(e), None
+    source, timeout_s = parsed_or_deferred(parse)
     outcome = await dp.infer(
         source, protocol="http", model=name, client_timeout_s=timeout_s, tenant=tenant
     )

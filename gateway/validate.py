@@ -207,6 +207,18 @@ def grpc_timeout_parameter(request: pb.ModelInferRequest) -> float | None:
     return timeout_microseconds(getattr(param, kind), where)
 
 
+def parsed_or_deferred(
+    parse: Callable[[], tuple[pb.ModelInferRequest, float | None]],
+) -> tuple[pb.ModelInferRequest | Callable[[], pb.ModelInferRequest], float | None]:
+    """Run an edge's parser (request and client timeout). One that fails becomes a
+    parser that raises the same error inside ``DataPlane.infer``, so the request is
+    counted there like any other failed request."""
+    try:
+        return parse()
+    except Exception as e:
+        return raising(e), None
+
+
 def raising(err: Exception) -> Callable[[], pb.ModelInferRequest]:
     """A parser for ``DataPlane.infer`` that raises ``err``: the edges parse a request
     before calling the data plane (its deadline is inside), and one that failed to

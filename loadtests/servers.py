@@ -47,6 +47,12 @@ def start_serve(repo: Path, extra: list[str], log_path: Path, timeout_s: float =
     return Serve(proc, int(m[1]), int(m[2]), int(m[3]))
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (a ``modelpool serve``'s workers)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10)
+    return [int(p) for p in out.stdout.split()]
+
+
 def wait_for_line(
     proc: subprocess.Popen[str], pattern: re.Pattern[str], timeout_s: float
 ) -> re.Match[str] | None:

@@ -35,7 +35,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +58,7 @@ from modelpool.loadtests.client import GrpcAdapter, ModelInfo, RequestFailed, ra
 from modelpool.loadtests.options import LoadOptions
 from modelpool.loadtests.report import Report
 from modelpool.loadtests.runner import run_load
-from modelpool.loadtests.servers import Serve, start_serve, stop
+from modelpool.loadtests.servers import Serve, child_pids, start_serve, stop
 from modelpool.placement.units import parse_size
 
 log = logging.getLogger(__name__)
@@ -400,11 +399,6 @@ def parse_server_metrics(text: str) -> ServerSample:
 
 def counter_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
     return {k: round(v - before.get(k, 0.0)) for k, v in sorted(after.items())}
-
-
-def child_pids(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10)
-    return [int(p) for p in out.stdout.split()]
 
 
 # -- device memory on CUDA --------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from modelpool.gateway.server import READY_RE
-from modelpool.loadtests.servers import wait_for_line
+from modelpool.loadtests.servers import child_pids, wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,11 +74,6 @@ class Served:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
-
-
-def child_pids(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
 
 
 def start_serve(repo: Path, log_path: Path, *args: str, timeout: float = 90.0) -> Served:

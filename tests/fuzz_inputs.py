@@ -437,8 +437,10 @@ def _mutate_doc(rng: random.Random, doc: dict[str, Any], model: Model) -> str:
     return "nested data"
 
 
-def _corrupt(rng: random.Random, body: bytes, note: list[str]) -> bytes:
-    kind = rng.randrange(6)
+def _truncate_or_flip(
+    rng: random.Random, kind: int, body: bytes, note: list[str]
+) -> bytes | None:
+    """Kinds 0 and 1 of both corrupters: cut the body short, or flip a few bytes."""
     if kind == 0 and body:
         cut = rng.randrange(len(body))
         note.append(f"truncated at {cut}")
@@ -449,6 +451,14 @@ def _corrupt(rng: random.Random, body: bytes, note: list[str]) -> bytes:
             b[rng.randrange(len(b))] = rng.randrange(256)
         note.append("bytes flipped")
         return bytes(b)
+    return None
+
+
+def _corrupt(rng: random.Random, body: bytes, note: list[str]) -> bytes:
+    kind = rng.randrange(6)
+    damaged = _truncate_or_flip(rng, kind, body, note)
+    if damaged is not None:
+        return damaged
     if kind == 2:
         note.append("empty body")
         return b""
@@ -662,16 +672,9 @@ def _varint(n: int) -> bytes:
 
 def _corrupt_proto(rng: random.Random, body: bytes, note: list[str]) -> bytes:
     kind = rng.randrange(7)
-    if kind == 0 and body:
-        cut = rng.randrange(len(body))
-        note.append(f"truncated at {cut}")
-        return body[:cut]
-    if kind == 1 and body:
-        b = bytearray(body)
-        for _ in range(rng.randrange(1, 8)):
-            b[rng.randrange(len(b))] = rng.randrange(256)
-        note.append("bytes flipped")
-        return bytes(b)
+    damaged = _truncate_or_flip(rng, kind, body, note)
+    if damaged is not None:
+        return damaged
     if kind == 2:
         note.append("random bytes")
         return bytes(rng.randrange(256) for _ in range(rng.randrange(0, 200)))
