@@ -5,7 +5,7 @@
 # Extra arguments go to pytest, e.g. ./scripts/test.sh -m gpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="[test,plots,peers]" source scripts/bootstrap.sh
+EXTRAS="[test,plots,peers,onnx]" source scripts/bootstrap.sh
 scripts/install-services.sh
 echo "==> ruff"
 .venv/bin/ruff check .
