@@ -2,6 +2,9 @@
 
 Handles JSON tensors and Triton's binary tensor data extension:
 https://github.com/triton-inference-server/server/blob/main/docs/protocol/extension_binary_data.md
+
+Every Triton datatype: BF16 goes over JSON as floats, BYTES as strings (UTF-8); in
+binary data BF16 is its raw 16 bits and BYTES is length-prefixed (gpu/tensors.py).
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
+from modelpool.gateway.shm import PARAMETERS as SHM_PARAMETERS
+from modelpool.gateway.shm import REGION as SHM_REGION
+from modelpool.gateway.shm import json_parameters as shm_parameters
 from modelpool.gateway.validate import (
     INT64_MAX,
     TIMEOUT_PARAMETER,
@@ -20,7 +26,16 @@ from modelpool.gateway.validate import (
     timeout_microseconds,
 )
 from modelpool.gpu.repository import clip
-from modelpool.gpu.tensors import NUMPY_DTYPES, element_count
+from modelpool.gpu.tensors import (
+    DATATYPES,
+    NUMPY_DTYPES,
+    STORAGE_DTYPES,
+    bf16_from_float,
+    bf16_to_float,
+    deserialize_bytes,
+    element_count,
+    serialize_bytes,
+)
 from modelpool.placement.errors import InvalidInput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -64,7 +79,7 @@ def parse_infer(
             raise InvalidInput(f"model '{model}': inputs[{i}] has no 'name'")
         name = _text(raw_name, model, f"inputs[{i}] 'name'")
         shown = clip(name)
-        if not isinstance(datatype, str) or datatype not in NUMPY_DTYPES:
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise InvalidInput(
                 f"model '{model}': input '{shown}' has unsupported datatype {clip(repr(datatype))}"
             )
@@ -86,8 +101,17 @@ def parse_infer(
                 f"model '{model}': input '{shown}' shape {shown_shape(shape)} has a "
                 "dimension beyond int64"
             )
-        dtype = NUMPY_DTYPES[datatype]
         params = _parameters(t, model, f"input '{shown}'")
+        if any(k in params for k in SHM_PARAMETERS):
+            # In shared memory: the data plane reads it (gateway/shm.py).
+            if "data" in t or "binary_data_size" in params:
+                raise InvalidInput(
+                    f"model '{model}': input '{shown}' is in shared memory and must not "
+                    "also have 'data' or binary_data_size"
+                )
+            tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
+            shm_parameters(params, tensor.parameters, f"model '{model}': input '{shown}'")
+            continue
         size = params.get("binary_data_size")
         if size is not None:
             if (
@@ -108,23 +132,7 @@ def parse_infer(
                 raise InvalidInput(
                     f"model '{model}': input '{shown}' has neither 'data' nor binary_data_size"
                 )
-            try:
-                loose = np.asarray(t["data"])
-                if loose.dtype.kind not in "biuf":
-                    # Strings, nulls, nested objects: numpy would coerce some of them
-                    # ("1" -> 1.0, None -> nan); the protocol wants numbers.
-                    raise TypeError(f"values must be numbers (got {loose.dtype.kind!r} data)")
-                array = loose.astype(dtype, casting="unsafe")
-            except (ValueError, TypeError, OverflowError) as e:
-                raise InvalidInput(
-                    f"model '{model}': input '{shown}' data is not {datatype}: {clip(e, 200)}"
-                ) from None
-            if array.size != element_count(shape) or array.dtype == object:
-                raise InvalidInput(
-                    f"model '{model}': input '{shown}' has {array.size} elements; shape "
-                    f"{shown_shape(shape)} needs {clip(element_count(shape))}"
-                )
-            raw = array.tobytes()
+            raw = json_tensor_bytes(model, name, datatype, shape, t["data"])
         tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
         del tensor  # shape and bytes are checked against the config by validate_request
         request.raw_input_contents.append(raw)
@@ -140,8 +148,12 @@ def parse_infer(
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise InvalidInput(f"model '{model}': outputs[{i}] needs a 'name'")
         out_name = _text(o["name"], model, f"outputs[{i}] 'name'")
-        _flag(_parameters(o, model, f"output '{clip(out_name)}'"), "binary_data", model)
-        request.outputs.add(name=out_name)
+        out_params = _parameters(o, model, f"output '{clip(out_name)}'")
+        _flag(out_params, "binary_data", model)
+        requested = request.outputs.add(name=out_name)
+        shm_parameters(
+            out_params, requested.parameters, f"model '{model}': output '{clip(out_name)}'"
+        )
     _flag(_parameters(doc, model, "request"), "binary_data_output", model)
     return request, doc
 
@@ -155,6 +167,90 @@ def request_timeout(model: str, doc: dict[str, Any]) -> float | None:
     return timeout_microseconds(
         params[TIMEOUT_PARAMETER], f"model '{model}': parameter '{TIMEOUT_PARAMETER}'"
     )
+
+
+def json_tensor_bytes(
+    model: str, name: str, datatype: str, shape: list[int], data: object
+) -> bytes:
+    """A JSON tensor's ``data`` (flat or nested as the shape) as the raw bytes
+    raw_input_contents holds: numbers for the numeric datatypes (BF16 as floats,
+    rounded to nearest even), strings for BYTES (UTF-8, length-prefixed)."""
+    shown = clip(name)
+    need = element_count(shape)
+    if datatype == "BYTES":
+        try:
+            strings = _flat_strings(data)
+        except TypeError as e:
+            raise InvalidInput(f"model '{model}': input '{shown}' data is not BYTES: {e}") from None
+        if len(strings) != need:
+            raise InvalidInput(
+                f"model '{model}': input '{shown}' has {len(strings)} elements; shape "
+                f"{shown_shape(shape)} needs {clip(need)}"
+            )
+        items = []
+        for i, text in enumerate(strings):
+            try:
+                items.append(text.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise InvalidInput(
+                    f"model '{model}': input '{shown}' element {i} is not valid Unicode"
+                ) from None
+        return serialize_bytes(items)
+    try:
+        loose = np.asarray(data)
+        if loose.dtype.kind not in "biuf":
+            # Strings, nulls, nested objects: numpy would coerce some of them
+            # ("1" -> 1.0, None -> nan); the protocol wants numbers.
+            raise TypeError(f"values must be numbers (got {loose.dtype.kind!r} data)")
+        if datatype == "BF16":
+            array = bf16_from_float(loose.astype(np.float32, casting="unsafe"))
+        elif loose.dtype.kind == "f" and NUMPY_DTYPES[datatype].kind in "iu":
+            # numpy holds integers past int64 (UINT64's top half) as float64, losing
+            # bits: convert from the JSON values themselves (out of range: an error).
+            array = np.array(data, dtype=NUMPY_DTYPES[datatype])
+        else:
+            array = loose.astype(NUMPY_DTYPES[datatype], casting="unsafe")
+    except (ValueError, TypeError, OverflowError) as e:
+        raise InvalidInput(
+            f"model '{model}': input '{shown}' data is not {datatype}: {clip(e, 200)}"
+        ) from None
+    if array.size != need or array.dtype == object:
+        raise InvalidInput(
+            f"model '{model}': input '{shown}' has {array.size} elements; shape "
+            f"{shown_shape(shape)} needs {clip(need)}"
+        )
+    return array.tobytes()
+
+
+def _flat_strings(data: object) -> list[str]:
+    """The strings of a (nested) JSON list in row-major order; a lone string is one
+    element. Raises TypeError naming the first thing that is not a string."""
+    out: list[str] = []
+    stack = [data]
+    while stack:  # a loop, not recursion: nesting is as deep as the JSON parser allowed
+        x = stack.pop()
+        if isinstance(x, list):
+            stack.extend(reversed(x))
+        elif isinstance(x, str):
+            out.append(x)
+        else:
+            raise TypeError(f"elements must be strings (got {type(x).__name__})")
+    return out
+
+
+def json_values(datatype: str, shape: list[int], raw: bytes) -> list[Any] | None:
+    """An output's raw bytes as the flat JSON ``data`` list: numbers (BF16 as floats),
+    or strings for BYTES; None for BYTES that are not all UTF-8, which JSON cannot
+    carry (the caller sends those as binary data instead)."""
+    if datatype == "BYTES":
+        try:
+            return [b.decode("utf-8") for b in deserialize_bytes(raw, element_count(shape))]
+        except UnicodeDecodeError:
+            return None
+    array = np.frombuffer(raw, dtype=STORAGE_DTYPES[datatype])
+    if datatype == "BF16":
+        array = bf16_to_float(array)
+    return list(array.tolist())
 
 
 def _json(model: str, head: bytes) -> Any:
@@ -215,11 +311,25 @@ def render_infer(response: pb.ModelInferResponse, doc: dict[str, Any]) -> tuple[
             "datatype": out.datatype,
             "shape": list(out.shape),
         }
-        if per_output.get(out.name, binary_default):
+        if SHM_REGION in out.parameters:
+            # Written to shared memory (gateway/shm.py): no data, as in Triton.
+            entry["parameters"] = {
+                k: out.parameters[k].string_param or out.parameters[k].int64_param
+                for k in SHM_PARAMETERS
+                if k in out.parameters
+            }
+            outputs.append(entry)
+            continue
+        values = (
+            None
+            if per_output.get(out.name, binary_default)
+            else json_values(out.datatype, list(out.shape), raw)
+        )
+        if values is None:
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            entry["data"] = np.frombuffer(raw, dtype=NUMPY_DTYPES[out.datatype]).tolist()
+            entry["data"] = values
         outputs.append(entry)
     head["outputs"] = outputs
     body = json.dumps(head, separators=(",", ":")).encode()

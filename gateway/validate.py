@@ -14,7 +14,14 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
 from modelpool.gpu.repository import ModelSpec, TensorSpec, clip
-from modelpool.gpu.tensors import CONTENTS_FIELD, NUMPY_DTYPES, byte_size, element_count
+from modelpool.gpu.tensors import (
+    CONTENTS_FIELD,
+    NUMPY_DTYPES,
+    byte_size,
+    bytes_problem,
+    element_count,
+    serialize_bytes,
+)
 from modelpool.placement.errors import InvalidInput
 
 #: More dimensions than numpy (and so any model here) can hold. Checked before a
@@ -79,9 +86,10 @@ def contents_to_raw(request: pb.ModelInferRequest) -> None:
         name = clip(t.name)
         field = CONTENTS_FIELD.get(t.datatype)
         if field is None:
+            # FP16 and BF16 have no typed field in Triton's proto either.
             raise InvalidInput(
                 f"model '{model}': input '{name}' datatype '{clip(t.datatype)}' is not "
-                "supported in typed contents"
+                "supported in typed contents (send it in raw_input_contents)"
             )
         check_rank(model, t.name, t.shape)
         if any(d < 0 for d in t.shape):
@@ -90,6 +98,15 @@ def contents_to_raw(request: pb.ModelInferRequest) -> None:
                 "negative dimension"
             )
         values = getattr(t.contents, field)
+        if t.datatype == "BYTES":
+            if len(values) != element_count(t.shape):
+                raise InvalidInput(
+                    f"model '{model}': input '{name}' has {len(values)} elements, "
+                    f"shape {shown_shape(t.shape)} needs {clip(element_count(t.shape))}"
+                )
+            request.raw_input_contents.append(serialize_bytes(values))
+            t.ClearField("contents")
+            continue
         try:
             array = np.asarray(values, dtype=NUMPY_DTYPES[t.datatype])
         except (OverflowError, ValueError, TypeError) as e:
@@ -135,6 +152,14 @@ def validate_request(spec: ModelSpec, request: pb.ModelInferRequest) -> None:
         problem = _shape_ok(spec, want, shape)
         if problem:
             raise InvalidInput(f"model '{model}': input '{name}': {problem}")
+        if t.datatype == "BYTES":
+            problem = bytes_problem(raw, element_count(shape))
+            if problem:
+                raise InvalidInput(
+                    f"model '{model}': input '{name}' (BYTES, shape {shown_shape(shape)}) is not "
+                    f"length-prefixed as the shape needs: {problem}"
+                )
+            continue
         need = byte_size(t.datatype, shape)
         if len(raw) != need:
             raise InvalidInput(
