@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from modelpool.gpu.execution import Execution
+
 log = logging.getLogger(__name__)
 
 Forward = Callable[[list[torch.Tensor]], list[torch.Tensor]]
@@ -36,7 +38,7 @@ class _Pending:
     args: list[torch.Tensor]
     rows: int
     arrived: float
-    future: asyncio.Future[list[torch.Tensor]] = field(repr=False)
+    future: asyncio.Future[tuple[list[torch.Tensor], Execution]] = field(repr=False)
 
 
 class Batcher:
@@ -62,8 +64,16 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{name}")
 
     async def submit(self, args: list[torch.Tensor]) -> list[torch.Tensor]:
+        outputs, _ = await self.submit_timed(args)
+        return outputs
+
+    async def submit_timed(self, args: list[torch.Tensor]) -> tuple[list[torch.Tensor], Execution]:
+        """The request's outputs and the forward it ran in (shared with the others of
+        its batch; exactly one of them is the execution's lead)."""
         key: Key = tuple((tuple(a.shape[1:]), a.dtype) for a in args)
-        future: asyncio.Future[list[torch.Tensor]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[list[torch.Tensor], Execution]] = (
+            asyncio.get_running_loop().create_future()
+        )
         self._queues[key].append(_Pending(args, int(args[0].shape[0]), time.monotonic(), future))
         self._arrived.set()
         return await future
@@ -119,7 +129,9 @@ class Batcher:
         args = [torch.cat(parts) for parts in zip(*(p.args for p in batch), strict=True)]
         sizes = [p.rows for p in batch]
         try:
+            started = time.monotonic()
             outputs = await self.run(self.forward, args)
+            infer_s = time.monotonic() - started
             if any(out.dim() == 0 or out.shape[0] != sum(sizes) for out in outputs):
                 raise ValueError("an output has no batch dimension to split")
             split = [torch.split(out, sizes) for out in outputs]
@@ -130,11 +142,15 @@ class Batcher:
             for p in batch:
                 await self._one(p)
             return
+        lead = True  # the first request still waiting counts the forward
         for i, p in enumerate(batch):
             if not p.future.done():
-                p.future.set_result([parts[i] for parts in split])
+                execution = Execution(sum(sizes), lead, started - p.arrived, infer_s)
+                p.future.set_result(([parts[i] for parts in split], execution))
+                lead = False
 
     async def _one(self, p: _Pending) -> None:
+        started = time.monotonic()
         try:
             result = await self.run(self.forward, p.args)
         except Exception as e:  # handed to this request's caller, which maps it
@@ -142,4 +158,5 @@ class Batcher:
                 p.future.set_exception(e)
             return
         if not p.future.done():
-            p.future.set_result(result)
+            infer_s = time.monotonic() - started
+            p.future.set_result((result, Execution(p.rows, True, started - p.arrived, infer_s)))

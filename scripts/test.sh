@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="[test,plots,peers,onnx]" source scripts/bootstrap.sh
 scripts/install-services.sh
+scripts/install-perf-analyzer.sh >/dev/null
 echo "==> ruff"
 .venv/bin/ruff check .
 echo "==> mypy"
