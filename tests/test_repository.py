@@ -72,7 +72,7 @@ def test_default_model_filename(tmp_path: Path) -> None:
     [
         ('name: "m" platform: "pytorch_libtorch" input {', "config.pbtxt"),
         ('name: "other" platform: "pytorch_libtorch"', "does not match directory"),
-        ('name: "m" platform: "onnxruntime_onnx"', "not supported"),
+        ('name: "m" platform: "tensorflow_savedmodel"', "not supported"),
         (
             'name: "m" platform: "pytorch_libtorch" output { name: "o" data_type: TYPE_FP32 dims: 1 }',
             "at least one input",
