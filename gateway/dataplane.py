@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +28,13 @@ from modelpool.gateway.errors import outcome_of
 from modelpool.gateway.fairness import FairGates
 from modelpool.gateway.limits import TenantLimiter
 from modelpool.gateway.metrics import NO_TENANT, UNKNOWN_MODEL, Metrics
+from modelpool.gateway.model_control import ModelControl, ModelControlConfig
+from modelpool.gateway.settings import LogControl, LogSettings, LogValue, TraceSettings, TraceValues
+from modelpool.gateway.shm import RegionStatus, SharedMemoryRegistry
 from modelpool.gateway.stats import Statistics
 from modelpool.gateway.tenants import Authenticator, Tenant
 from modelpool.gateway.validate import contents_to_raw, validate_request
+from modelpool.gpu import execution as worker_execution
 from modelpool.gpu.repository import (
     ModelRepository,
     ModelSpec,
@@ -54,6 +58,8 @@ EXTENSIONS = (
     "model_repository",
     "model_repository(unload_dependents)",
     "statistics",
+    "logging",
+    "system_shared_memory",
 )
 
 
@@ -63,6 +69,8 @@ _ADMIN_CALLS = {
     "unload": "repository unload",
     "status": "the status view",
     "statistics": "statistics of every model",
+    "log_settings": "log settings",
+    "trace_settings": "trace settings",
 }
 
 
@@ -96,6 +104,11 @@ class InferOutcome:
         return self.response.SerializeToString()
 
 
+def _shm_owner(tenant: Tenant | None) -> str:
+    """Whose shared memory regions a caller uses: its tenant's (none with auth off)."""
+    return tenant.name if tenant is not None else ""
+
+
 class DataPlane:
     """Every client call, for REST and gRPC alike.
 
@@ -105,7 +118,8 @@ class DataPlane:
     are decided here and nowhere else. A model a tenant may not see is answered exactly
     as one that does not exist (404 / NOT_FOUND, the same message); an admin call by a
     tenant is 403 / PERMISSION_DENIED. Admin calls: repository load and unload, the
-    status view, statistics of every model. The repository index is open to tenants
+    status view, statistics of every model, log and trace settings. The repository
+    index is open to tenants
     and lists only the models they see.
     """
 
@@ -123,6 +137,8 @@ class DataPlane:
         audit: AuditLog | None = None,
         limiter: TenantLimiter | None = None,
         gates: FairGates | None = None,
+        control: ModelControl | None = None,
+        shm: SharedMemoryRegistry | None = None,
     ) -> None:
         self.repository = repository
         self.view = view
@@ -141,6 +157,20 @@ class DataPlane:
         #: Per-tenant rate and concurrency (429), and fair per-model queues.
         self.limiter = limiter if limiter is not None else TenantLimiter()
         self.gates = gates if gates is not None else FairGates(lambda m, v: 1 << 30, 1 << 30)
+        #: Model control (--model-control-mode): the repository API and which models
+        #: may serve. Default: today's on-demand loading.
+        #: System shared memory regions, per tenant (gateway/shm.py).
+        self.shm = shm if shm is not None else SharedMemoryRegistry()
+        self.control = control or ModelControl(
+            ModelControlConfig(),
+            repository,
+            manager,
+            load_timeout_s=acquire_timeout_s,
+            unload_timeout_s=infer_timeout_s,
+        )
+        #: Triton's logging and trace extensions (gateway/settings.py).
+        self.log_control = LogControl()
+        self.traces = TraceSettings()
 
     # -- tenants -----------------------------------------------------------------------
     def authenticate(
@@ -262,6 +292,7 @@ class DataPlane:
         not see; the edge answers 404 for it first (``spec``)."""
         try:
             _, v = self.spec(name, version, tenant)
+            self.control.check_loadable(name)
             self.manager.check_failed(name, v)
         except ModelpoolError:
             return False
@@ -325,13 +356,21 @@ class DataPlane:
     ) -> InferOutcome:
         spec, version = self.spec(request.model_name, request.model_version, tenant)
         try:
-            return await self._forward(
+            # Inputs in shared memory become raw contents before validation; the
+            # request was rewritten, so its original bytes are not forwarded.
+            shm_outputs = self.shm.resolve(_shm_owner(tenant), request)
+            if shm_outputs is not None:
+                raw = None
+            outcome = await self._forward(
                 spec, version, request, label, started, raw, deadline, forward,
                 tenant.name if tenant is not None else NO_TENANT,
             )  # fmt: skip
         except ModelpoolError:
             self.statistics.record_failure(spec.name, version, time.monotonic() - started)
             raise
+        if shm_outputs is None or not shm_outputs.slots:
+            return outcome
+        return InferOutcome(outcome.cold, response=shm_outputs.write(outcome.parsed()))
 
     async def _forward(
         self,
@@ -405,13 +444,21 @@ class DataPlane:
             batch = (
                 int(request.inputs[0].shape[0]) if spec.max_batch_size > 0 and request.inputs else 1
             )
+            # The worker's internal parameters feed the statistics and leave the reply
+            # here, raw or parsed, so no client sees them whatever renders the reply.
+            if outcome.raw is not None:
+                ran, stripped = worker_execution.split_raw(outcome.raw)
+                outcome = dataclasses.replace(outcome, raw=stripped)
+            else:
+                ran = worker_execution.read(outcome.parsed(), strip=True)
             self.statistics.record_success(
                 spec.name,
                 version,
                 batch,
-                done - started,
-                compute_started - started,
-                done - compute_started,
+                started=started,
+                compute_started=compute_started,
+                done=done,
+                reply=ran,
             )
             return outcome
         raise AssertionError("unreachable")
@@ -440,6 +487,27 @@ class DataPlane:
                 (s.name, v) for s in self.repository.specs() if s.error is None for v in s.versions
             ]
         return self.statistics.response(keys)
+
+    # -- system shared memory extension -------------------------------------------------
+    # https://github.com/triton-inference-server/server/blob/main/docs/protocol/extension_shared_memory.md
+    # Open to every tenant; each sees and uses only its own regions (gateway/shm.py).
+    def shm_register(
+        self, name: str, key: str, offset: int, byte_size: int, *, tenant: Tenant | None = None
+    ) -> None:
+        """Register ``byte_size`` bytes at ``offset`` of the POSIX object ``key``.
+
+        Raises:
+            InvalidInput: bad key or range, no such object, name already registered.
+        """
+        self.shm.register(_shm_owner(tenant), name, key, offset, byte_size)
+
+    def shm_status(self, name: str = "", *, tenant: Tenant | None = None) -> list[RegionStatus]:
+        """The caller's regions, or the one named (InvalidInput if it has none such)."""
+        return self.shm.status(_shm_owner(tenant), name)
+
+    def shm_unregister(self, name: str = "", *, tenant: Tenant | None = None) -> None:
+        """Unregister the caller's region ``name``, or all of them when empty."""
+        self.shm.unregister(_shm_owner(tenant), name)
 
     # -- operator view -----------------------------------------------------------------
     def status(self, *, tenant: Tenant | None = None, source: str = "") -> dict[str, Any]:
@@ -501,6 +569,15 @@ class DataPlane:
                 dataclasses.asdict(d)
                 for d in sorted(self.view.devices.values(), key=lambda d: d.device_id)
             ],
+            # Measured sizes per model version and device kind (shared through the
+            # store), with the bytes the next plan for the model would reserve.
+            "footprints": [
+                {
+                    **dataclasses.asdict(f),
+                    "planned_bytes": self.manager.model_info(f.model, f.version).need_bytes,
+                }
+                for f in self.manager.measured.all()
+            ],
             "copies": [
                 {
                     "model": c.model,
@@ -521,7 +598,7 @@ class DataPlane:
         self, ready_only: bool = False, *, tenant: Tenant | None = None
     ) -> list[IndexEntry]:
         """Triton's repository index: every model, or for a tenant the models it sees."""
-        self.repository.refresh()
+        self.control.refresh_index()
         states_of: dict[tuple[str, int], set[CopyState]] = {}
         for c in self.view.all_copies():
             states_of.setdefault((c.model, c.version), set()).add(c.state)
@@ -545,36 +622,31 @@ class DataPlane:
                 elif failure is not None:
                     entries.append(IndexEntry(spec.name, str(v), "UNAVAILABLE", failure.reason))
                 else:
-                    entries.append(
-                        IndexEntry(
-                            spec.name, str(v), "UNAVAILABLE", "unloaded: loads on first request"
-                        )
-                    )
+                    reason = self.control.unloaded_reason(spec.name)
+                    entries.append(IndexEntry(spec.name, str(v), "UNAVAILABLE", reason))
         return entries
 
     async def load_model(
-        self, name: str, *, tenant: Tenant | None = None, source: str = ""
+        self,
+        name: str,
+        *,
+        tenant: Tenant | None = None,
+        source: str = "",
+        config: str | None = None,
     ) -> None:
         """Triton's explicit load: re-read the config, forget a past failure, load now.
-        An admin call (audited with ``source``, the peer address).
+        ``config`` is the request's ``parameters.config`` (a JSON ModelConfig that
+        replaces config.pbtxt). An admin call (audited with ``source``, the peer
+        address). See ``gateway/model_control.py`` for what each mode allows.
 
         Raises:
             PermissionDenied: ``tenant`` is not an admin.
+            NotAllowed: --model-control-mode none or poll.
+            InvalidInput: ``config`` is not a valid config of the model.
         """
         self._require_admin(tenant, "load", name, source)
         with self._audited(tenant, "load", name, source):
-            await self._load_model(name)
-
-    async def _load_model(self, name: str) -> None:
-        self.repository.refresh(name)
-        spec = self.repository.get(name)
-        if spec.error is not None:
-            raise ModelNotReady(f"model '{name}' is not available: {spec.error}")
-        for v in spec.versions:
-            self.manager.failures.pop((name, v), None)
-            deadline = Deadline.after(self.acquire_timeout_s, client_set=False)
-            got = await self.manager.acquire(name, v, deadline)
-            self.manager.release(got)
+            await self.control.load(name, config)
 
     async def unload_model(
         self, name: str, *, tenant: Tenant | None = None, source: str = ""
@@ -586,12 +658,63 @@ class DataPlane:
         """
         self._require_admin(tenant, "unload", name, source)
         with self._audited(tenant, "unload", name, source):
-            await self._unload_model(name)
+            await self.control.unload(name)
 
-    async def _unload_model(self, name: str) -> None:
-        if name not in self.repository.names():
-            self.repository.get(name)  # raises ModelNotFound for unknown names
-        deadline = Deadline.after(self.infer_timeout_s, client_set=False)
-        count = await self.manager.unload_model(name, deadline)
-        if count == 0 and name not in self.repository.names():
-            raise model_not_found(name)
+    # -- settings (Triton's logging and trace extensions; admin calls) ------------------
+    def log_settings(self, *, tenant: Tenant | None = None, source: str = "") -> LogSettings:
+        """The gateway's log settings (``GET /v2/logging``). Raises PermissionDenied."""
+        self._require_admin(tenant, "log_settings", None, source)
+        return self.log_control.current()
+
+    def update_log_settings(
+        self,
+        changes: Mapping[str, LogValue | None],
+        *,
+        tenant: Tenant | None = None,
+        source: str = "",
+    ) -> LogSettings:
+        """Change the gateway's logging (audited); see ``LogControl.update``.
+
+        Raises:
+            PermissionDenied: ``tenant`` is not an admin.
+            InvalidInput: an unknown setting or a bad value.
+        """
+        self._require_admin(tenant, "log_settings", None, source)
+        with self._audited(tenant, "log_settings", None, source):
+            return self.log_control.update(changes)
+
+    def trace_settings(
+        self, model: str = "", *, tenant: Tenant | None = None, source: str = ""
+    ) -> TraceValues:
+        """Trace settings of ``model`` ("" for the global ones).
+
+        Raises:
+            PermissionDenied: ``tenant`` is not an admin.
+            ModelNotFound: no such model.
+        """
+        self._require_admin(tenant, "trace_settings", model or None, source)
+        if model:
+            self.spec(model)
+        return self.traces.get(model)
+
+    def update_trace_settings(
+        self,
+        model: str,
+        changes: Mapping[str, Sequence[str] | None],
+        *,
+        tenant: Tenant | None = None,
+        source: str = "",
+    ) -> TraceValues:
+        """Store trace settings (audited); tracing itself is not implemented.
+
+        Raises:
+            PermissionDenied: ``tenant`` is not an admin.
+            ModelNotFound: no such model.
+            InvalidInput: an unknown setting or a bad value.
+            TracingNotImplemented: a trace level other than OFF.
+        """
+        self._require_admin(tenant, "trace_settings", model or None, source)
+        with self._audited(tenant, "trace_settings", model or None, source):
+            if model:
+                self.spec(model)
+            return self.traces.update(model, changes)

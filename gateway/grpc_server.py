@@ -9,7 +9,7 @@ Every method but ServerLive, ServerReady and ServerMetadata resolves the caller 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -18,10 +18,19 @@ from google.protobuf.message import DecodeError, Message
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from modelpool.gateway import streaming
 from modelpool.gateway.dataplane import DataPlane
 from modelpool.gateway.errors import retry_after, status_of
+from modelpool.gateway.settings import (
+    log_changes_from_grpc,
+    log_grpc,
+    trace_changes_from_grpc,
+    trace_grpc,
+)
+from modelpool.gateway.shm import CUDA_UNSUPPORTED
 from modelpool.gateway.tenants import Tenant
 from modelpool.gateway.validate import client_timeout, grpc_timeout_parameter, parsed_or_deferred
+from modelpool.gpu.repository import clip
 from modelpool.placement.errors import InvalidInput, ModelpoolError
 
 log = logging.getLogger(__name__)
@@ -108,18 +117,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ``timeout`` request parameter (int64_param, microseconds; what tritonclient's
         ``infer(timeout=...)`` sends); a malformed parameter is INVALID_ARGUMENT.
         """
-
-        def parse() -> tuple[pb.ModelInferRequest, float | None]:
-            request = _decode(pb.ModelInferRequest, data)
-            remaining = context.time_remaining()  # None: the client set no deadline
-            deadline_s = max(0.0, remaining) if remaining is not None else None
-            return request, client_timeout(deadline_s, grpc_timeout_parameter(request))
-
         # Before parsing: an unknown caller costs no more than the lookup of its key.
         tenant = await self._guard(context, _call(self._tenant, context, "infer"))
         # Parsed before the data plane is called, as the deadline rides in the request;
         # one that fails to parse still goes through ``dp.infer`` to be counted.
-        source, timeout_s = parsed_or_deferred(parse)
+        source, timeout_s = parsed_or_deferred(lambda: _parse_infer(data, context))
         outcome = await self._guard(
             context,
             self.dp.infer(
@@ -127,6 +129,82 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ),
         )
         return outcome.raw_response()
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Triton's bidirectional stream for ordinary models (gateway/streaming.py): one
+        reply per request, in request order; a failed request is answered with its
+        ``error_message`` and the stream goes on. The caller is authenticated once, from
+        the stream's metadata; each request then goes through ``dp.infer`` like a unary
+        ModelInfer (limits, validation, its own ``timeout`` parameter, and what is left
+        of the stream's deadline)."""
+        tenant = await self._guard(context, _call(self._tenant, context, "infer"))
+
+        async def one(data: bytes) -> bytes:
+            source, timeout_s = parsed_or_deferred(lambda: _parse_infer(data, context))
+            request = source if isinstance(source, pb.ModelInferRequest) else None
+            final = streaming.wants_final_flag(request)
+            try:
+                outcome = await self.dp.infer(
+                    source, protocol="grpc", raw=data, client_timeout_s=timeout_s, tenant=tenant
+                )
+            except ModelpoolError as e:
+                return streaming.error_reply(e.message, request, final)
+            except Exception:
+                log.exception("bug: unhandled error in a ModelStreamInfer request")
+                return streaming.error_reply(
+                    "internal error (a bug): see the gateway log", request, final
+                )
+            return streaming.reply(outcome.raw_response(), final)
+
+        async for reply in streaming.ordered(requests, one):
+            yield reply
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        def register() -> pb.SystemSharedMemoryRegisterResponse:
+            tenant = self._tenant(context, "shm_register")
+            self.dp.shm_register(
+                request.name, request.key, request.offset, request.byte_size, tenant=tenant
+            )
+            return pb.SystemSharedMemoryRegisterResponse()
+
+        return await self._guard(context, _call(register))
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        def status() -> pb.SystemSharedMemoryStatusResponse:
+            tenant = self._tenant(context, "shm_status")
+            resp = pb.SystemSharedMemoryStatusResponse()
+            for r in self.dp.shm_status(request.name, tenant=tenant):
+                resp.regions[r.name].CopyFrom(
+                    pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                        name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size
+                    )
+                )
+            return resp
+
+        return await self._guard(context, _call(status))
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        def unregister() -> pb.SystemSharedMemoryUnregisterResponse:
+            tenant = self._tenant(context, "shm_unregister")
+            self.dp.shm_unregister(request.name, tenant=tenant)
+            return pb.SystemSharedMemoryUnregisterResponse()
+
+        return await self._guard(context, _call(unregister))
+
+    async def _no_cuda_shm(self, context: grpc.aio.ServicerContext) -> None:
+        await self._guard(context, _call(self._tenant, context, "cuda_shm"))
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, CUDA_UNSUPPORTED)
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        await self._no_cuda_shm(context)
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        await self._no_cuda_shm(context)
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        await self._no_cuda_shm(context)
 
     async def ModelStatistics(self, request, context):
         def statistics() -> pb.ModelStatisticsResponse:
@@ -150,7 +228,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request, context):
         async def load() -> None:
             tenant = self._tenant(context, "load", request.model_name)
-            await self.dp.load_model(request.model_name, tenant=tenant, source=context.peer() or "")
+            config = None
+            if "config" in request.parameters:
+                param = request.parameters["config"]
+                if param.WhichOneof("parameter_choice") != "string_param":
+                    raise InvalidInput(
+                        f"model '{clip(request.model_name)}' load: parameter 'config' must "
+                        "be a string_param holding the model config as JSON"
+                    )
+                config = param.string_param
+            await self.dp.load_model(
+                request.model_name, tenant=tenant, source=context.peer() or "", config=config
+            )
 
         await self._guard(context, load())
         return pb.RepositoryModelLoadResponse()
@@ -165,9 +254,50 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._guard(context, unload())
         return pb.RepositoryModelUnloadResponse()
 
+    async def LogSettings(self, request, context):
+        """Triton's logging extension (an admin call): no settings reads them."""
+
+        def settings() -> pb.LogSettingsResponse:
+            tenant = self._tenant(context, "log_settings")
+            source = context.peer() or ""
+            if request.settings:
+                changes = log_changes_from_grpc(request)
+                return log_grpc(self.dp.update_log_settings(changes, tenant=tenant, source=source))
+            return log_grpc(self.dp.log_settings(tenant=tenant, source=source))
+
+        return await self._guard(context, _call(settings))
+
+    async def TraceSetting(self, request, context):
+        """Triton's trace extension (an admin call): settings stored, no tracing."""
+
+        def settings() -> pb.TraceSettingResponse:
+            tenant = self._tenant(context, "trace_settings", request.model_name or None)
+            source = context.peer() or ""
+            if request.settings:
+                changes = trace_changes_from_grpc(request)
+                values = self.dp.update_trace_settings(
+                    request.model_name, changes, tenant=tenant, source=source
+                )
+            else:
+                values = self.dp.trace_settings(request.model_name, tenant=tenant, source=source)
+            return trace_grpc(values)
+
+        return await self._guard(context, _call(settings))
+
 
 async def _call(fn, *args):
     return fn(*args)
+
+
+def _parse_infer(
+    data: bytes, context: grpc.aio.ServicerContext
+) -> tuple[pb.ModelInferRequest, float | None]:
+    """A ModelInferRequest and the time its client gave it: the smaller of the call's
+    gRPC deadline and the request's ``timeout`` parameter."""
+    request = _decode(pb.ModelInferRequest, data)
+    remaining = context.time_remaining()  # None: the client set no deadline
+    deadline_s = max(0.0, remaining) if remaining is not None else None
+    return request, client_timeout(deadline_s, grpc_timeout_parameter(request))
 
 
 M = TypeVar("M", bound=Message)
@@ -196,15 +326,20 @@ def _decoding(
 
 
 def service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
-    """GRPCInferenceService with every unary method the servicer implements; ModelInfer
-    takes and returns raw bytes so the gateway forwards without re-encoding. Methods
-    it lacks (streaming, shared memory) answer UNIMPLEMENTED, as in Triton without
-    those extensions."""
+    """GRPCInferenceService with every method the servicer implements; ModelInfer and
+    ModelStreamInfer take and return raw bytes so the gateway forwards without
+    re-encoding. Methods it lacks answer UNIMPLEMENTED, as in Triton without those
+    extensions (CUDA shared memory answers it with a message of its own)."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
         impl = getattr(type(servicer), method.name, None)
         base = getattr(pb_grpc.GRPCInferenceServiceServicer, method.name, None)
+        if method.name == "ModelStreamInfer" and impl is not None and impl is not base:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                servicer.ModelStreamInfer
+            )
+            continue
         if impl is None or impl is base or method.client_streaming or method.server_streaming:
             continue
         if method.name == "ModelInfer":

@@ -8,9 +8,11 @@ the data plane's business.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
@@ -20,12 +22,16 @@ from modelpool.gateway.dataplane import DataPlane
 from modelpool.gateway.errors import retry_after, status_of
 from modelpool.gateway.proto_json import message_to_json
 from modelpool.gateway.rest_codec import HEADER_LENGTH, parse_infer, render_infer, request_timeout
+from modelpool.gateway.settings import json_settings, trace_changes_from_json, trace_json
+from modelpool.gateway.shm import CUDA_UNSUPPORTED
+from modelpool.gateway.stats import statistics_json
 from modelpool.gateway.tenants import Tenant
 from modelpool.gateway.validate import client_timeout, parsed_or_deferred, timeout_seconds
 from modelpool.gpu.repository import clip
 from modelpool.placement.errors import (
     InvalidInput,
     ModelpoolError,
+    NotAllowed,
     PayloadTooLarge,
     Unauthenticated,
 )
@@ -43,7 +49,14 @@ def _error(status: int, message: str, retry_after_s: float | None = None) -> web
     headers = (
         {"Retry-After": str(max(1, round(retry_after_s)))} if retry_after_s is not None else None
     )
-    return web.json_response({"error": message}, status=status, headers=headers)
+    # Plain "application/json", no charset: the KServe SDK puts the message in its
+    # exception only for exactly that content type (JSON is UTF-8 by definition).
+    return web.Response(
+        body=json.dumps({"error": message}).encode(),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+    )
 
 
 @web.middleware
@@ -88,11 +101,14 @@ def _tenant(request: web.Request, action: str, model: str | None = None) -> Tena
 
 
 async def live(request: web.Request) -> web.Response:
-    return web.Response(status=200)
+    """Status for tritonclient and probes, ``{"live": ...}`` for the KServe SDK."""
+    is_live = request.app[DATAPLANE].live()
+    return web.json_response({"live": is_live}, status=200 if is_live else 503)
 
 
 async def ready(request: web.Request) -> web.Response:
-    return web.Response(status=200 if request.app[DATAPLANE].server_ready() else 503)
+    is_ready = request.app[DATAPLANE].server_ready()
+    return web.json_response({"ready": is_ready}, status=200 if is_ready else 503)
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -111,7 +127,9 @@ async def model_ready(request: web.Request) -> web.Response:
     tenant = _tenant(request, "ready", name)
     dp = request.app[DATAPLANE]
     dp.spec(name, version, tenant)  # unknown (or invisible) model or version: 404, as Triton
-    return web.Response(status=200 if dp.model_ready(name, version, tenant=tenant) else 400)
+    # Not ready is 400, as Triton answers; KServe's body rides along either way.
+    is_ready = dp.model_ready(name, version, tenant=tenant)
+    return web.json_response({"name": name, "ready": is_ready}, status=200 if is_ready else 400)
 
 
 async def model_config(request: web.Request) -> web.Response:
@@ -185,22 +203,29 @@ async def _read(request: web.Request, what: str) -> bytes | ModelpoolError:
         return InvalidInput(f"{what}: request body cannot be read: {clip(cause, 200)}")
 
 
+async def _json_body(request: web.Request, what: str) -> Any:
+    """The request's JSON body, ``{}`` when it has none.
+
+    Raises:
+        InvalidInput: a body that is not JSON, naming ``what``.
+    """
+    if not request.can_read_body:
+        return {}
+    body = await _read(request, what)
+    if isinstance(body, ModelpoolError):
+        raise body
+    try:
+        # Not request.json(): it decodes by the Content-Type's charset, and an unknown
+        # one raises LookupError.
+        return json.loads(body) if body.strip() else {}
+    except (ValueError, RecursionError) as e:
+        raise InvalidInput(f"{what}: body is not valid JSON: {clip(e, 200)}") from None
+
+
 async def repository_index(request: web.Request) -> web.Response:
     tenant = _tenant(request, "index")
-    ready_only = False
-    if request.can_read_body:
-        body = await _read(request, "repository index")
-        if isinstance(body, ModelpoolError):
-            raise body
-        try:
-            # Not request.json(): it decodes by the Content-Type's charset, and an
-            # unknown one raises LookupError.
-            doc = json.loads(body) if body.strip() else {}
-        except (ValueError, RecursionError) as e:
-            raise InvalidInput(
-                f"repository index: body is not valid JSON: {clip(e, 200)}"
-            ) from None
-        ready_only = bool(isinstance(doc, dict) and doc.get("ready"))
+    doc = await _json_body(request, "repository index")
+    ready_only = bool(isinstance(doc, dict) and doc.get("ready"))
     entries = request.app[DATAPLANE].repository_index(ready_only, tenant=tenant)
     return web.json_response(
         [
@@ -211,9 +236,23 @@ async def repository_index(request: web.Request) -> web.Response:
 
 
 async def repository_load(request: web.Request) -> web.Response:
+    """``POST /v2/repository/models/{model}/load``, optionally with Triton's body
+    ``{"parameters": {"config": "<JSON model config>"}}`` replacing config.pbtxt."""
     name = request.match_info["model"]
     tenant = _tenant(request, "load", name)
-    await request.app[DATAPLANE].load_model(name, tenant=tenant, source=_source(request))
+    doc = await _json_body(request, f"model '{clip(name)}' load")
+    params = doc.get("parameters", {}) if isinstance(doc, dict) else None
+    if not isinstance(params, dict):
+        raise InvalidInput(f"model '{clip(name)}' load: 'parameters' must be a JSON object")
+    config = params.get("config")
+    if config is not None and not isinstance(config, str):
+        raise InvalidInput(
+            f"model '{clip(name)}' load: parameter 'config' must be a string holding "
+            "the model config as JSON"
+        )
+    await request.app[DATAPLANE].load_model(
+        name, tenant=tenant, source=_source(request), config=config
+    )
     return web.json_response({})
 
 
@@ -231,7 +270,82 @@ async def model_statistics(request: web.Request) -> web.Response:
     stats = request.app[DATAPLANE].model_statistics(
         name, version, tenant=tenant, source=_source(request)
     )
-    return web.json_response(message_to_json(stats))
+    return web.json_response(statistics_json(stats))
+
+
+async def log_settings(request: web.Request) -> web.Response:
+    """``GET|POST /v2/logging`` (Triton's logging extension; an admin call)."""
+    tenant = _tenant(request, "log_settings")
+    dp = request.app[DATAPLANE]
+    if request.method == "POST":
+        body = await _read(request, "log settings")
+        if isinstance(body, ModelpoolError):
+            raise body
+        changes = json_settings(body, "log settings")
+        settings = dp.update_log_settings(changes, tenant=tenant, source=_source(request))
+    else:
+        settings = dp.log_settings(tenant=tenant, source=_source(request))
+    return web.json_response(settings.as_dict())
+
+
+async def trace_setting(request: web.Request) -> web.Response:
+    """``GET|POST /v2[/models/{model}]/trace/setting`` (Triton's trace extension; an
+    admin call). Settings are stored; tracing itself is not implemented."""
+    name = request.match_info.get("model", "")
+    tenant = _tenant(request, "trace_settings", name or None)
+    dp = request.app[DATAPLANE]
+    if request.method == "POST":
+        what = f"model '{clip(name)}' trace settings" if name else "trace settings"
+        body = await _read(request, what)
+        if isinstance(body, ModelpoolError):
+            raise body
+        changes = trace_changes_from_json(json_settings(body, what), what)
+        values = dp.update_trace_settings(name, changes, tenant=tenant, source=_source(request))
+    else:
+        values = dp.trace_settings(name, tenant=tenant, source=_source(request))
+    return web.json_response(trace_json(values))
+
+
+async def shm_status(request: web.Request) -> web.Response:
+    """``GET /v2/systemsharedmemory[/region/{region}]/status``: the caller's regions."""
+    tenant = _tenant(request, "shm_status")
+    regions = request.app[DATAPLANE].shm_status(request.match_info.get("region", ""), tenant=tenant)
+    return web.json_response([dataclasses.asdict(r) for r in regions])
+
+
+async def shm_register(request: web.Request) -> web.Response:
+    """``POST /v2/systemsharedmemory/region/{region}/register`` with Triton's body
+    ``{"key": "/name", "offset": 0, "byte_size": N}``."""
+    name = request.match_info["region"]
+    tenant = _tenant(request, "shm_register")
+    what = f"shared memory region '{clip(name)}' register"
+    body = await _read(request, what)
+    if isinstance(body, ModelpoolError):
+        raise body
+    try:
+        doc = json.loads(body) if body.strip() else {}
+    except (ValueError, RecursionError) as e:
+        raise InvalidInput(f"{what}: body is not valid JSON: {clip(e, 200)}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("key"), str) or "byte_size" not in doc:
+        raise InvalidInput(f"{what}: body needs 'key' (a string), 'offset' and 'byte_size'")
+    request.app[DATAPLANE].shm_register(
+        name, doc["key"], doc.get("offset", 0), doc["byte_size"], tenant=tenant
+    )
+    return web.json_response({})
+
+
+async def shm_unregister(request: web.Request) -> web.Response:
+    """``POST /v2/systemsharedmemory[/region/{region}]/unregister``."""
+    tenant = _tenant(request, "shm_unregister")
+    request.app[DATAPLANE].shm_unregister(request.match_info.get("region", ""), tenant=tenant)
+    return web.json_response({})
+
+
+async def cuda_shm(request: web.Request) -> web.Response:
+    """``v2/cudasharedmemory/...``: not supported (workers may be on other hosts, and
+    many run without CUDA); 400 saying so, after the caller is known."""
+    _tenant(request, "cuda_shm")
+    raise NotAllowed(CUDA_UNSUPPORTED)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -257,6 +371,23 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v2/repository/models/{model}/load", repository_load)
     app.router.add_post("/v2/repository/models/{model}/unload", repository_unload)
     app.router.add_get("/v2/modelpool/status", status)
+    for kind, status_h, register_h, unregister_h in (
+        ("system", shm_status, shm_register, shm_unregister),
+        ("cuda", cuda_shm, cuda_shm, cuda_shm),
+    ):
+        base = f"/v2/{kind}sharedmemory"
+        app.router.add_get(base + "/status", status_h)
+        app.router.add_get(base + "/region/{region}/status", status_h)
+        app.router.add_post(base + "/region/{region}/register", register_h)
+        app.router.add_post(base + "/unregister", unregister_h)
+        app.router.add_post(base + "/region/{region}/unregister", unregister_h)
+    for path, handler in (
+        ("/v2/logging", log_settings),
+        ("/v2/trace/setting", trace_setting),
+        (plain + "/trace/setting", trace_setting),
+    ):
+        app.router.add_get(path, handler)
+        app.router.add_post(path, handler)
 
 
 def create_rest_app(dataplane: DataPlane, max_request_bytes: int) -> web.Application:

@@ -109,9 +109,19 @@ class WorkerClient:
     async def infer_raw(self, model: str, request: bytes, timeout_s: float) -> bytes:
         return await self._call(f"model '{model}'", self._infer_raw, request, timeout_s)
 
-    async def load(self, model: str, version: int, timeout_s: float) -> protocol.LoadResult:
+    async def load(
+        self,
+        model: str,
+        version: int,
+        timeout_s: float,
+        known_peak_bytes: int = 0,
+        config_override: str = "",
+    ) -> protocol.LoadResult:
         return await self._call(
-            f"model '{model}' load", self._load, protocol.LoadRequest(model, version), timeout_s
+            f"model '{model}' load",
+            self._load,
+            protocol.LoadRequest(model, version, known_peak_bytes, config_override),
+            timeout_s,
         )
 
     async def unload(self, model: str, version: int, timeout_s: float) -> protocol.UnloadResult:

@@ -29,8 +29,16 @@ ERROR_CLASS_KEY = "modelpool-error"
 
 @dataclass(frozen=True)
 class LoadRequest:
+    """``known_peak_bytes``: the peak a previous load of this model measured on this
+    kind of device (0: unknown). When known, the worker skips the warm-up forward that
+    exists only to measure it, and a cold request pays one forward instead of two."""
+
     model: str
     version: int
+    known_peak_bytes: int = 0
+    #: JSON of a ModelConfig that replaces the model's config.pbtxt (a repository
+    #: load with a ``config`` parameter); "": the file.
+    config_override: str = ""
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
     <repo>/<model>/config.pbtxt
     <repo>/<model>/<version>/model.pt      (TorchScript, platform pytorch_libtorch)
+    <repo>/<model>/<version>/model.onnx    (ONNX, platform onnxruntime_onnx; gpu/onnx_backend.py)
 
 A model whose config or artifacts are bad is still listed, with ``error`` naming the
 file and the problem, so one broken model never stops the server.
@@ -19,14 +20,20 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from modelpool.gpu.tensors import NUMPY_DTYPES
+from modelpool.gpu.tensors import DATATYPES
 from modelpool.placement.errors import InvalidInput, ModelNotFound, ModelNotReady
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_PLATFORMS = {"pytorch_libtorch"}
-SUPPORTED_BACKENDS = {"pytorch", ""}
-DEFAULT_FILENAME = "model.pt"
+TORCHSCRIPT_PLATFORM = "pytorch_libtorch"
+ONNX_PLATFORM = "onnxruntime_onnx"
+#: Platform -> the file a version directory holds unless default_model_filename says.
+DEFAULT_FILENAMES = {TORCHSCRIPT_PLATFORM: "model.pt", ONNX_PLATFORM: "model.onnx"}
+#: Triton's ``backend:`` names -> the platform each means here.
+BACKEND_PLATFORMS = {"pytorch": TORCHSCRIPT_PLATFORM, "onnxruntime": ONNX_PLATFORM}
+SUPPORTED_PLATFORMS = set(DEFAULT_FILENAMES)
+SUPPORTED_BACKENDS = {*BACKEND_PLATFORMS, ""}
+DEFAULT_FILENAME = DEFAULT_FILENAMES[TORCHSCRIPT_PLATFORM]
 #: Loaded TorchScript weights take about their file's size; the rest covers the
 #: interpreter's buffers and the first forward's activations until a load measures it.
 ESTIMATE_HEADROOM = 1.25
@@ -157,28 +164,58 @@ class ModelRepository:
         if not self.root.is_dir():
             raise ValueError(f"model repository '{self.root}' is not a directory")
         self._specs: dict[str, ModelSpec] = {}
+        #: Configs that replace a model's config.pbtxt (Triton's load with a
+        #: ``config`` parameter), until a load without one.
+        self._overrides: dict[str, mc.ModelConfig] = {}
         self.refresh()
 
     def refresh(self, name: str | None = None) -> None:
         """Re-read one model (None: the whole repository) from disk."""
         if name is None:
-            found = {}
-            for d in sorted(self.root.iterdir()):
-                if (
-                    d.is_dir()
-                    and _NAME_RE.fullmatch(d.name)
-                    and len(d.name) <= MAX_NAME_LENGTH
-                    and not d.name.startswith(".")
-                ):
-                    found[d.name] = read_model(d)
-            self._specs = found
+            self._specs = self.scan()
             return
         check_model_name(name)
+        self.install(name, self.read(name))
+
+    def scan(self) -> dict[str, ModelSpec]:
+        """Every model as the disk (and the overrides) describe it now, without
+        installing anything: the poller compares this with what serves."""
+        found = {}
+        for d in sorted(self.root.iterdir()):
+            if (
+                d.is_dir()
+                and _NAME_RE.fullmatch(d.name)
+                and len(d.name) <= MAX_NAME_LENGTH
+                and not d.name.startswith(".")
+            ):
+                found[d.name] = read_model(d, self._overrides.get(d.name))
+        return found
+
+    def read(self, name: str) -> ModelSpec | None:
+        """One model as the disk (and its override) describe it now, not installed;
+        None when its directory is gone."""
+        check_model_name(name)
         d = self.root / name
-        if _is_dir(d):
-            self._specs[name] = read_model(d)
-        else:
+        return read_model(d, self._overrides.get(name)) if _is_dir(d) else None
+
+    def install(self, name: str, spec: ModelSpec | None) -> None:
+        """Serve ``spec`` for ``name`` from now on (None: the model is gone)."""
+        if spec is None:
             self._specs.pop(name, None)
+        else:
+            self._specs[name] = spec
+
+    def set_override(self, name: str, config: mc.ModelConfig | None) -> None:
+        """Read ``name`` from ``config`` instead of its config.pbtxt (None: from the
+        file again). Takes effect at the next read of the model."""
+        check_model_name(name)
+        if config is None:
+            self._overrides.pop(name, None)
+        else:
+            self._overrides[name] = config
+
+    def override(self, name: str) -> mc.ModelConfig | None:
+        return self._overrides.get(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self._specs
@@ -199,6 +236,26 @@ class ModelRepository:
         if spec is None:
             raise model_not_found(name)
         return spec
+
+
+def config_from_json(name: str, text: str) -> mc.ModelConfig:
+    """A model config given as JSON (Triton's repository load ``config`` parameter),
+    checked against Triton's ModelConfig message.
+
+    Raises:
+        InvalidInput: not JSON, or not a ModelConfig (400 naming the model).
+    """
+    from google.protobuf import json_format
+
+    config = mc.ModelConfig()
+    try:
+        json_format.Parse(text, config)
+    except (json_format.ParseError, ValueError, RecursionError) as e:
+        raise InvalidInput(
+            f"model '{name}': the load request's config is not a valid model config "
+            f"(JSON of Triton's ModelConfig): {clip(e, 200)}"
+        ) from None
+    return config
 
 
 def model_not_found(name: str) -> ModelNotFound:
@@ -222,8 +279,8 @@ def _tensor(t: mc.ModelInput | mc.ModelOutput, where: str) -> TensorSpec:
     if not dt.startswith("TYPE_") or dt[5:] == "INVALID":
         raise ValueError(f"{where} '{t.name}' has no data_type")
     wire = "BYTES" if dt == "TYPE_STRING" else dt[5:]
-    if wire not in NUMPY_DTYPES:
-        raise ValueError(f"{where} '{t.name}': data_type {dt} is not supported by pytorch_libtorch")
+    if wire not in DATATYPES:  # every Triton datatype is served; this is a newer one
+        raise ValueError(f"{where} '{t.name}': data_type {dt} is not supported by modelpool")
     dims = tuple(int(d) for d in t.dims)
     if not dims and not t.HasField("reshape"):
         raise ValueError(f"{where} '{t.name}' has no dims")
@@ -258,18 +315,19 @@ def _versions(
     return {v: on_disk[v] for v in chosen}
 
 
-def read_model(model_dir: Path) -> ModelSpec:
-    """Parse one model directory; problems land in ``error``, never raise."""
+def read_model(model_dir: Path, override: mc.ModelConfig | None = None) -> ModelSpec:
+    """Parse one model directory; problems land in ``error``, never raise.
+    ``override`` stands in for its config.pbtxt (a load request's config)."""
     name = model_dir.name
     config = mc.ModelConfig()
-    cfg_path = model_dir / "config.pbtxt"
+    cfg_path = model_dir / ("config.pbtxt" if override is None else "config override")
 
     def failed(reason: str) -> ModelSpec:
         log.warning("model %s is unavailable: %s", name, reason)
         return ModelSpec(name, config.platform, 0, (), (), (), {}, config, error=reason)
 
     try:
-        return _read_model(model_dir, name, config, cfg_path, failed)
+        return _read_model(model_dir, name, config, cfg_path, failed, override)
     except OSError as e:
         # Unreadable, or changed under us while being read: listed with the reason.
         return failed(f"{model_dir}: {e.strerror or e}")
@@ -281,25 +339,34 @@ def _read_model(
     config: mc.ModelConfig,
     cfg_path: Path,
     failed: Callable[[str], ModelSpec],
+    override: mc.ModelConfig | None = None,
 ) -> ModelSpec:
-    if not cfg_path.is_file():
+    if override is not None:
+        config.CopyFrom(override)
+    elif not cfg_path.is_file():
         return failed(f"{cfg_path} is missing")
-    try:
-        text_format.Parse(cfg_path.read_text(), config)
-    except (text_format.ParseError, UnicodeDecodeError) as e:
-        return failed(f"{cfg_path}: {e}")
+    else:
+        try:
+            text_format.Parse(cfg_path.read_text(), config)
+        except (text_format.ParseError, UnicodeDecodeError) as e:
+            return failed(f"{cfg_path}: {e}")
     if config.name and config.name != name:
         return failed(f"{cfg_path}: name '{config.name}' does not match directory '{name}'")
     config.name = name
-    if config.platform not in SUPPORTED_PLATFORMS and config.backend not in SUPPORTED_BACKENDS - {
-        ""
-    }:
-        return failed(
-            f"{cfg_path}: platform '{config.platform or config.backend}' is not supported "
-            "(modelpool serves pytorch_libtorch TorchScript models)"
+    # Triton names a model's framework by platform, backend or both; both must agree.
+    platform = config.platform or BACKEND_PLATFORMS.get(config.backend, "")
+    if platform not in SUPPORTED_PLATFORMS or (
+        config.backend and BACKEND_PLATFORMS.get(config.backend) != platform
+    ):
+        named = " with ".join(
+            f"{k} '{v}'" for k, v in (("platform", config.platform), ("backend", config.backend)) if v
         )
-    if not config.platform:
-        config.platform = "pytorch_libtorch"
+        return failed(
+            f"{cfg_path}: {f'{named} is not supported' if named else 'names no platform'} "
+            "(modelpool serves pytorch_libtorch TorchScript models and, with onnxruntime "
+            "installed, onnxruntime_onnx ONNX models)"
+        )
+    config.platform = platform
     if config.max_batch_size < 0:
         return failed(f"{cfg_path}: max_batch_size must be >= 0")
     try:
@@ -309,7 +376,7 @@ def _read_model(
         return failed(f"{cfg_path}: {e}")
     if not inputs or not outputs:
         return failed(f"{cfg_path}: a model needs at least one input and one output")
-    filename = config.default_model_filename or DEFAULT_FILENAME
+    filename = config.default_model_filename or DEFAULT_FILENAMES[config.platform]
     if "/" in filename or filename.startswith("."):
         return failed(f"{cfg_path}: default_model_filename '{filename}' is not a file name")
     artifacts = _versions(model_dir, config, filename)

@@ -1,4 +1,5 @@
 """The torch side of a worker: load TorchScript models, run them, measure what they hold.
+ONNX models load through ``gpu/onnx_backend.py`` and run behind the same forward.
 
 Inference runs on a thread pool (torch releases the GIL in its kernels) so the worker's
 event loop keeps answering health checks and other models while one computes.
@@ -14,6 +15,8 @@ import traceback
 import warnings
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -27,8 +30,16 @@ from modelpool.gpu.accounting import (
     module_bytes,
     retained_after_release,
 )
-from modelpool.gpu.repository import ModelRepository, ModelSpec
-from modelpool.gpu.tensors import NUMPY_DTYPES
+from modelpool.gpu.onnx_backend import ONNX_PLATFORM, OnnxModel, load_onnx
+from modelpool.gpu.repository import ModelRepository, ModelSpec, TensorSpec
+from modelpool.gpu.tensors import (
+    STORAGE_DTYPES,
+    StringTensor,
+    TensorFormatError,
+    deserialize_bytes,
+    element_count,
+    serialize_bytes,
+)
 from modelpool.placement.errors import (
     InferenceError,
     InvalidInput,
@@ -43,6 +54,9 @@ log = logging.getLogger(__name__)
 _WIRE_TO_TORCH = {
     "BOOL": torch.bool,
     "UINT8": torch.uint8,
+    "UINT16": torch.uint16,
+    "UINT32": torch.uint32,
+    "UINT64": torch.uint64,
     "INT8": torch.int8,
     "INT16": torch.int16,
     "INT32": torch.int32,
@@ -50,10 +64,14 @@ _WIRE_TO_TORCH = {
     "FP16": torch.float16,
     "FP32": torch.float32,
     "FP64": torch.float64,
+    "BF16": torch.bfloat16,
 }
 _TORCH_TO_WIRE = {
     torch.bool: "BOOL",
     torch.uint8: "UINT8",
+    torch.uint16: "UINT16",
+    torch.uint32: "UINT32",
+    torch.uint64: "UINT64",
     torch.int8: "INT8",
     torch.int16: "INT16",
     torch.int32: "INT32",
@@ -61,14 +79,25 @@ _TORCH_TO_WIRE = {
     torch.float16: "FP16",
     torch.float32: "FP32",
     torch.float64: "FP64",
+    torch.bfloat16: "BF16",
 }
+# Datatypes and TorchScript (Triton's libtorch backend does the same):
+# - BYTES input: forward() gets List[str], every element of the tensor in row-major
+#   order, batch included (a StringTensor, which also carries the wire shape). The
+#   bytes must be UTF-8: TorchScript's str is text.
+# - BYTES output: forward() returns List[str]; its shape is the config's dims with the
+#   request's batch size in front and one -1 dim (at most) inferred from the count.
+# - BF16 is torch.bfloat16 (raw 16 bits on the wire); UINT16/32/64 are torch's uint
+#   dtypes, which pass through a model but have few kernels (arithmetic on them may
+#   fail in the model, which is the model's error, as in Triton).
 
 
 @dataclass
 class LoadedModel:
     spec: ModelSpec
     version: int
-    module: torch.jit.ScriptModule
+    #: A TorchScript module, or an onnxruntime session (``spec.platform`` says which).
+    module: torch.jit.ScriptModule | OnnxModel
     footprint_bytes: int
     peak_bytes: int
     load_seconds: float
@@ -108,57 +137,31 @@ class ModelRuntime:
             torch.set_num_threads(threads)
 
     # -- lifecycle -------------------------------------------------------------------
-    def load(self, name: str, version: int) -> LoadedModel:
+    def load(self, name: str, version: int, known_peak_bytes: int = 0) -> LoadedModel:
         """Load ``name``/``version`` (no-op if resident). Raises ModelLoadError with the
-        file and the reason; memory taken by a failed load is released."""
+        file and the reason; memory taken by a failed load is released.
+        ``known_peak_bytes`` (0: unknown) is a peak measured before: no warm-up then."""
         key = (name, version)
         if key in self.models:
             return self.models[key]
         with self._load_serial:
             if key in self.models:  # loaded while this call waited for the lock
                 return self.models[key]
-            return self._load(name, version)
+            return self._load(name, version, known_peak_bytes)
 
-    def _load(self, name: str, version: int) -> LoadedModel:
+    def _load(self, name: str, version: int, known_peak_bytes: int = 0) -> LoadedModel:
         key = (name, version)
         self.repository.refresh(name)
         spec = self.repository.get(name)
         version = spec.resolve_version(version)
         path = spec.artifacts[version]
         start = time.perf_counter()
-        meter = PeakMeter(self.allocator)
-        try:
-            module = torch.jit.load(str(path), map_location=self.device)
-            module.eval()
-        except torch.OutOfMemoryError as e:
-            self._release()
-            raise OutOfMemory(
-                f"model '{name}' version {version}: out of device memory while loading",
-                retry_after_s=1.0,
-            ) from e
-        except Exception as e:  # torch raises RuntimeError/ValueError/zip errors for bad files
-            self._release()
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ModelLoadError(f"model '{name}': cannot load {path}: {reason}") from e
-        if self.device.type == "cuda":
-            try:
-                self._warm_up(spec, module)
-            except torch.OutOfMemoryError as e:
-                # The traceback's frames hold the module and its inputs; cleared, the
-                # cache can give the partial copy back now rather than after a gc.
-                traceback.clear_frames(e.__traceback__)
-                del module
-                self._release()
-                raise OutOfMemory(
-                    f"model '{name}' version {version}: out of device memory in its first forward",
-                    retry_after_s=1.0,
-                ) from e
-        # The module's own storages, not a difference of device-wide counters, which
-        # would also count what other threads of this worker allocate meanwhile.
-        footprint = module_bytes(module)
-        # The peak includes a first forward's activations and workspaces: what the
-        # next admission of this model must find free, not only its weights.
-        peak = meter.peak(footprint)
+        module: torch.jit.ScriptModule | OnnxModel
+        if spec.platform == ONNX_PLATFORM:
+            # Its own session, errors and measurement: gpu/onnx_backend.py.
+            module, footprint, peak = load_onnx(spec, version, path, self.device)
+        else:
+            module, footprint, peak = self._load_torchscript(spec, version, path, known_peak_bytes)
         loaded = LoadedModel(
             spec=spec,
             version=version,
@@ -180,13 +183,57 @@ class ModelRuntime:
         )
         return loaded
 
+    def _load_torchscript(
+        self, spec: ModelSpec, version: int, path: Path, known_peak_bytes: int = 0
+    ) -> tuple[torch.jit.ScriptModule, int, int]:
+        """(module, footprint bytes, peak bytes) of a TorchScript file on this device."""
+        name = spec.name
+        meter = PeakMeter(self.allocator)
+        try:
+            module = torch.jit.load(str(path), map_location=self.device)
+            module.eval()
+        except torch.OutOfMemoryError as e:
+            self._release()
+            raise OutOfMemory(
+                f"model '{name}' version {version}: out of device memory while loading",
+                retry_after_s=1.0,
+            ) from e
+        except Exception as e:  # torch raises RuntimeError/ValueError/zip errors for bad files
+            self._release()
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ModelLoadError(f"model '{name}': cannot load {path}: {reason}") from e
+        if self.device.type == "cuda" and known_peak_bytes <= 0:
+            try:
+                self._warm_up(spec, module)
+            except torch.OutOfMemoryError as e:
+                # The traceback's frames hold the module and its inputs; cleared, the
+                # cache can give the partial copy back now rather than after a gc.
+                traceback.clear_frames(e.__traceback__)
+                del module
+                self._release()
+                raise OutOfMemory(
+                    f"model '{name}' version {version}: out of device memory in its first forward",
+                    retry_after_s=1.0,
+                ) from e
+        # The module's own storages, not a difference of device-wide counters, which
+        # would also count what other threads of this worker allocate meanwhile.
+        footprint = module_bytes(module)
+        # The peak includes a first forward's activations and workspaces: what the
+        # next admission of this model must find free, not only its weights.
+        peak = max(meter.peak(footprint), known_peak_bytes)
+        return module, footprint, peak
+
     def _warm_up(self, spec: ModelSpec, module: torch.jit.ScriptModule) -> None:
         """One forward on zeros shaped from the config (batch 1, -1 dims as 1), to
         measure the peak; a model that rejects zeros is measured without it."""
         args = []
         for t in spec.inputs:
             shape = ([1] if spec.max_batch_size > 0 else []) + [max(1, d) for d in t.dims]
-            args.append(torch.zeros(shape, dtype=_WIRE_TO_TORCH[t.datatype], device=self.device))
+            args.append(
+                StringTensor([""] * element_count(shape), shape)
+                if t.datatype == "BYTES"
+                else torch.zeros(shape, dtype=_WIRE_TO_TORCH[t.datatype], device=self.device)
+            )
         try:
             with torch.inference_mode():
                 module(*args)
@@ -283,8 +330,12 @@ class ModelRuntime:
         Blocking: call it off the event loop."""
         spec = loaded.spec
         try:
-            with torch.inference_mode():
-                result = loaded.module(*[a.to(self.device, non_blocking=True) for a in args])
+            if isinstance(loaded.module, OnnxModel):
+                # CPU tensors both ways: onnxruntime copies to and from its device.
+                result = loaded.module.run(args)
+            else:
+                with torch.inference_mode():
+                    result = loaded.module(*[_to_device(a, self.device) for a in args])
         except torch.OutOfMemoryError as e:
             self._release()
             raise OutOfMemory(f"model '{spec.name}': out of device memory during inference") from e
@@ -293,12 +344,21 @@ class ModelRuntime:
             raise InferenceError(
                 f"model '{spec.name}' failed on this input: {msg[-1] if msg else type(e).__name__}"
             ) from e
-        values = list(result) if isinstance(result, (tuple, list)) else [result]
-        tensors = [t.detach().to("cpu") for t in values if isinstance(t, torch.Tensor)]
+        values: list[object]
+        if _is_strings(result):
+            values = [result]  # one BYTES output, as List[str]
+        else:
+            values = list(result) if isinstance(result, (tuple, list)) else [result]
+        # A List[str] (a BYTES output) stands in a tensor's place: see the top of this file.
+        tensors = [
+            v.detach().to("cpu") if isinstance(v, torch.Tensor) else cast(torch.Tensor, v)
+            for v in values
+            if isinstance(v, torch.Tensor) or _is_strings(v)
+        ]
         if len(values) != len(spec.outputs) or len(tensors) != len(values):
             raise InferenceError(
                 f"model '{spec.name}' returned {len(values)} values; its config declares "
-                f"{len(spec.outputs)} tensor outputs"
+                f"{len(spec.outputs)} outputs (tensors, or List[str] for BYTES)"
             )
         loaded.executions += 1
         return tensors
@@ -318,19 +378,7 @@ class ModelRuntime:
                 raise InvalidInput(f"model '{spec.name}': input '{t.name}' is missing")
             shape = tuple(request.inputs[i].shape)
             raw = request.raw_input_contents[i]
-            dtype = NUMPY_DTYPES[t.datatype]
-            if len(raw) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-                raise InvalidInput(
-                    f"model '{spec.name}': input '{t.name}' has {len(raw)} bytes, "
-                    f"shape {list(shape)} of {t.datatype} needs "
-                    f"{int(np.prod(shape, dtype=np.int64)) * dtype.itemsize}"
-                )
-            array = np.frombuffer(raw, dtype=dtype).reshape(shape)
-            with warnings.catch_warnings():
-                # Read-only protobuf bytes: inference never writes its inputs, and a
-                # copy per request would cost more than the warning is worth.
-                warnings.simplefilter("ignore", UserWarning)
-                tensor = torch.from_numpy(array)
+            tensor = _decode_input(spec.name, t.name, t.datatype, shape, raw)
             args.append(tensor)
         return args
 
@@ -345,17 +393,98 @@ class ModelRuntime:
         for out_spec, tensor in zip(spec.outputs, tensors, strict=True):
             if out_spec.name not in wanted:
                 continue
-            wire = _TORCH_TO_WIRE.get(tensor.dtype, str(tensor.dtype))
-            if wire != out_spec.datatype:
-                raise InferenceError(
-                    f"model '{spec.name}': output '{out_spec.name}' is {wire}, "
-                    f"config declares {out_spec.datatype}"
-                )
-            array = tensor.contiguous().numpy()
+            shape, raw = _encode_output(spec, out_spec, request, tensor)
             out = response.outputs.add()
             out.name = out_spec.name
-            out.datatype = wire
-            out.shape.extend(array.shape)
-            response.raw_output_contents.append(array.tobytes())
+            out.datatype = out_spec.datatype
+            out.shape.extend(shape)
+            response.raw_output_contents.append(raw)
         loaded.inferences += 1
         return response
+
+
+def _to_device(arg: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # A StringTensor (List[str]) has no device: TorchScript takes it as it is.
+    return arg if isinstance(arg, list) else arg.to(device, non_blocking=True)
+
+
+def _is_strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _decode_input(
+    model: str, name: str, datatype: str, shape: tuple[int, ...], raw: bytes
+) -> torch.Tensor:
+    """One input's raw bytes as what forward() takes: a tensor sharing the bytes, or
+    for BYTES a StringTensor (typed as a tensor: it stands in one's place)."""
+    if datatype == "BYTES":
+        try:
+            items = deserialize_bytes(raw, element_count(shape))
+        except TensorFormatError as e:
+            raise InvalidInput(f"model '{model}': input '{name}' (BYTES): {e}") from None
+        texts = []
+        for k, item in enumerate(items):
+            try:
+                texts.append(item.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise InvalidInput(
+                    f"model '{model}': input '{name}' element {k} is not UTF-8; the pytorch "
+                    "backend passes BYTES to the model as List[str]"
+                ) from None
+        return cast(torch.Tensor, StringTensor(texts, shape))
+    dtype = STORAGE_DTYPES[datatype]
+    need = element_count(shape) * dtype.itemsize
+    if len(raw) != need:
+        raise InvalidInput(
+            f"model '{model}': input '{name}' has {len(raw)} bytes, "
+            f"shape {list(shape)} of {datatype} needs {need}"
+        )
+    array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    with warnings.catch_warnings():
+        # Read-only protobuf bytes: inference never writes its inputs, and a
+        # copy per request would cost more than the warning is worth.
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(array)
+    # BF16 arrives as its bits in uint16: the same bytes, reinterpreted.
+    return tensor.view(torch.bfloat16) if datatype == "BF16" else tensor
+
+
+def _encode_output(
+    spec: ModelSpec, out_spec: TensorSpec, request: pb.ModelInferRequest, value: torch.Tensor
+) -> tuple[list[int], bytes]:
+    """(shape, raw bytes) of one output as forward() returned it."""
+    where = f"model '{spec.name}': output '{out_spec.name}'"
+    if isinstance(value, list):  # List[str], checked by forward()
+        if out_spec.datatype != "BYTES":
+            raise InferenceError(
+                f"{where} is List[str] (BYTES), config declares {out_spec.datatype}"
+            )
+        shape = _string_shape(spec, out_spec, request, len(value), where)
+        return shape, serialize_bytes(s.encode("utf-8", "surrogatepass") for s in value)
+    wire = _TORCH_TO_WIRE.get(value.dtype, str(value.dtype))
+    if wire != out_spec.datatype:
+        raise InferenceError(f"{where} is {wire}, config declares {out_spec.datatype}")
+    tensor = value.contiguous()
+    if wire == "BF16":
+        tensor = tensor.view(torch.uint16)  # numpy has no bfloat16: its bits go as they are
+    array = tensor.numpy()
+    return list(array.shape), array.tobytes()
+
+
+def _string_shape(
+    spec: ModelSpec, out_spec: TensorSpec, request: pb.ModelInferRequest, count: int, where: str
+) -> list[int]:
+    """The shape of a List[str] output: the config's dims behind the request's batch
+    size, one -1 among them inferred from ``count``."""
+    batch = [int(request.inputs[0].shape[0])] if spec.max_batch_size > 0 and request.inputs else []
+    dims = list(out_spec.dims)
+    free = [k for k, d in enumerate(dims) if d < 0]
+    known = element_count(batch) * element_count([d for d in dims if d >= 0])
+    if len(free) == 1 and known > 0 and count % known == 0:
+        dims[free[0]] = count // known
+    if any(d < 0 for d in dims) or element_count(batch + dims) != count:
+        raise InferenceError(
+            f"{where}: the model returned {count} strings, which do not fill "
+            f"dims {list(out_spec.dims)}" + (f" at batch size {batch[0]}" if batch else "")
+        )
+    return batch + dims

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import grpc
@@ -24,12 +24,12 @@ import torch
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from modelpool.gpu import protocol
+from modelpool.gpu import execution, protocol
 from modelpool.gpu.accounting import allocator_for
 from modelpool.gpu.batching import Batcher, Forward
 from modelpool.gpu.memory import MemoryProbe, probe_for
 from modelpool.gpu.protocol import READY_LINE
-from modelpool.gpu.repository import ModelRepository
+from modelpool.gpu.repository import ModelRepository, config_from_json
 from modelpool.gpu.runtime import LoadedModel, ModelRuntime
 from modelpool.placement.errors import DeadlineExceeded, ModelpoolError
 
@@ -95,8 +95,14 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
     async def load(self, req: protocol.LoadRequest) -> protocol.LoadResult:
         key = (req.model, req.version)
         lock = self._load_locks.setdefault(key, asyncio.Lock())
+        # The gateway sends a model's config override with every load of it, so this
+        # worker reads the model as the gateway does (the runtime re-reads at load).
+        override = config_from_json(req.model, req.config_override) if req.config_override else None
+        self.repository.set_override(req.model, override)
         async with lock:
-            loaded = await self._run(self._load_pool, self.runtime.load, req.model, req.version)
+            loaded = await self._run(
+                self._load_pool, self.runtime.load, req.model, req.version, req.known_peak_bytes
+            )
             self._start_batcher(loaded)
         return protocol.LoadResult(
             model=req.model,
@@ -183,15 +189,21 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
         loaded = self.runtime.begin(request)
         try:
             args = self.runtime.decode(loaded.spec, request)
-            tensors = await self._compute(loaded, args, deadline)
-            return self.runtime.encode(loaded, request, tensors)
+            tensors, ran = await self._compute(loaded, args, deadline)
+            encoding = time.monotonic()
+            response = self.runtime.encode(loaded, request, tensors)
+            # Which forward it was, for the gateway's execution_count and batch_stats.
+            output_s = time.monotonic() - encoding
+            execution.write(response, replace(ran, output_s=output_s))
+            return response
         finally:
             self.runtime.end(loaded)
 
     async def _compute(
         self, loaded: LoadedModel, args: list[torch.Tensor], deadline: float | None
-    ) -> list[torch.Tensor]:
-        """The forward, through the model's dynamic batcher if it has one.
+    ) -> tuple[list[torch.Tensor], execution.Execution]:
+        """The forward, through the model's dynamic batcher if it has one, and the
+        execution it ran in.
 
         Raises:
             DeadlineExceeded: ``deadline`` passed while the request waited for a batch
@@ -205,8 +217,10 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
             # requests out of its next batch, the pool drops a future not yet started.
             async with asyncio.timeout_at(deadline) as scope:
                 if batcher is None:
-                    return await self._run(self._infer_pool, self.runtime.forward, loaded, args)
-                return await batcher.submit(args)
+                    return await self._run(
+                        self._infer_pool, self._forward_alone, loaded, args, time.monotonic()
+                    )
+                return await batcher.submit_timed(args)
         except TimeoutError:
             if not scope.expired():
                 raise  # raised inside the wait, not our deadline
@@ -214,6 +228,17 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
                 f"model '{loaded.spec.name}': deadline passed while the request waited "
                 f"{'for a batch' if batcher is not None else 'for an inference thread'}"
             ) from None
+
+    def _forward_alone(
+        self, loaded: LoadedModel, args: list[torch.Tensor], submitted: float
+    ) -> tuple[list[torch.Tensor], execution.Execution]:
+        """An unbatched forward, timed on its thread: the wait for a free thread
+        (since ``submitted``, monotonic) is queueing, not compute."""
+        started = time.monotonic()
+        outputs = self.runtime.forward(loaded, args)
+        infer_s = time.monotonic() - started
+        rows = int(args[0].shape[0]) if loaded.spec.max_batch_size > 0 and args else 1
+        return outputs, execution.Execution(rows, True, started - submitted, infer_s)
 
     def _start_batcher(self, loaded: LoadedModel) -> None:
         """Triton's dynamic batching, for models whose config asks for it."""
@@ -223,6 +248,8 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
             key in self._batchers
             or spec.max_batch_size <= 0
             or not spec.config.HasField("dynamic_batching")
+            # BYTES are List[str] in forward(): no tensor to concatenate or split.
+            or any(t.datatype == "BYTES" for t in (*spec.inputs, *spec.outputs))
         ):
             return
         delay_s = spec.config.dynamic_batching.max_queue_delay_microseconds / 1e6

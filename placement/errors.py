@@ -39,7 +39,7 @@ class Unauthenticated(ModelpoolError):
 
 class PermissionDenied(ModelpoolError):
     """A known tenant asked for an admin call (repository load/unload, status,
-    statistics of every model). HTTP 403, gRPC PERMISSION_DENIED. A model a tenant may
+    statistics of every model, log and trace settings). HTTP 403, gRPC PERMISSION_DENIED. A model a tenant may
     not see is ``ModelNotFound`` instead, so that its existence does not leak."""
 
     http_status = 403
@@ -59,6 +59,23 @@ class ModelNotReady(ModelpoolError):
 
     http_status = 400
     grpc_code = "UNAVAILABLE"
+
+
+class TracingNotImplemented(ModelpoolError):
+    """A trace level other than OFF: modelpool stores trace settings but produces no
+    traces. HTTP 400 (the request cannot succeed as sent), gRPC UNIMPLEMENTED."""
+
+    http_status = 400
+    grpc_code = "UNIMPLEMENTED"
+
+
+class NotAllowed(ModelpoolError):
+    """The server's settings refuse the call: the repository load/unload API under
+    ``--model-control-mode`` none or poll, as Triton refuses it. HTTP 400, gRPC
+    FAILED_PRECONDITION: retrying will not help, another mode would."""
+
+    http_status = 400
+    grpc_code = "FAILED_PRECONDITION"
 
 
 class PayloadTooLarge(ModelpoolError):

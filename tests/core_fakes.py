@@ -56,6 +56,8 @@ class FakeWorker:
         self.sizes = sizes
         self.held: dict[tuple[str, int], int] = {}
         self.loads: list[str] = []
+        #: The peak the gateway said it knew, per load (0: none).
+        self.known_peaks: list[int] = []
         self.gates: dict[str, asyncio.Event] = {}
         self.alive = True
         self.fail_load: dict[str, Exception] = {}
@@ -70,9 +72,12 @@ class FakeWorker:
         if not self.alive:
             raise WorkerUnavailable(f"worker {self.worker_id} is unreachable (UNAVAILABLE)")
 
-    async def load(self, model: str, version: int, timeout_s: float) -> protocol.LoadResult:
+    async def load(
+        self, model: str, version: int, timeout_s: float, known_peak_bytes: int = 0
+    ) -> protocol.LoadResult:
         self._check()
         self.loads.append(model)
+        self.known_peaks.append(known_peak_bytes)
         self.load_started.set()
         gate = self.gates.get(model)
         if gate is not None:
