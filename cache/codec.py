@@ -14,6 +14,9 @@ from modelpool.cache.records import (
     CopyView,
     DevicePut,
     DeviceRecord,
+    Footprint,
+    FootprintKey,
+    FootprintPut,
     StoreEvent,
     WorkerDown,
     WorkerRecord,
@@ -54,6 +57,27 @@ def copy_from_dict(d: dict[str, Any]) -> CopyView:
     )
 
 
+def footprint_field(key: FootprintKey) -> str:
+    model, version, kind = key
+    return f"{model}{SEP}{version}{SEP}{kind}"
+
+
+def footprint_to_json(footprint: Footprint) -> str:
+    return json.dumps(dataclasses.asdict(footprint), separators=(",", ":"))
+
+
+def footprint_from_dict(d: dict[str, Any]) -> Footprint:
+    return Footprint(
+        model=d["model"],
+        version=int(d["version"]),
+        device_kind=str(d["device_kind"]),
+        footprint_bytes=int(d["footprint_bytes"]),
+        peak_bytes=int(d["peak_bytes"]),
+        load_seconds=float(d["load_seconds"]),
+        measured_at=float(d.get("measured_at", 0.0)),
+    )
+
+
 def worker_from_dict(d: dict[str, Any]) -> WorkerRecord:
     return WorkerRecord(**d)
 
@@ -74,6 +98,8 @@ def event_to_json(event: StoreEvent, origin: str, device_id: str = "") -> str:
             body = {"type": "copy_removed", "key": list(key)}
         case DevicePut(device=d):
             body = {"type": "device", "device": dataclasses.asdict(d)}
+        case FootprintPut(footprint=f):
+            body = {"type": "footprint", "footprint": dataclasses.asdict(f)}
         case _:
             raise TypeError(f"{type(event).__name__} is not published")
     body["origin"] = origin
@@ -96,4 +122,6 @@ def event_from_json(text: str | bytes) -> tuple[str, StoreEvent]:
         return origin, CopyRemoved((m, int(v), w))
     if kind == "device":
         return origin, DevicePut(device_from_dict(d["device"]))
+    if kind == "footprint":
+        return origin, FootprintPut(footprint_from_dict(d["footprint"]))
     raise ValueError(f"unknown event type {kind!r}")

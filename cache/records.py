@@ -15,14 +15,27 @@ __all__ = [
     "CopyView",
     "DevicePut",
     "DeviceRecord",
+    "Footprint",
+    "FootprintKey",
+    "FootprintPut",
     "Resynced",
     "StoreEvent",
     "WorkerDown",
     "WorkerRecord",
     "WorkerUp",
+    "device_kind",
 ]
 
 CopyKey = tuple[str, int, str]  # (model, version, worker_id)
+FootprintKey = tuple[str, int, str]  # (model, version, device kind)
+
+
+def device_kind(device_id: str) -> str:
+    """The kind of device a device id names: ``node/cuda:1`` -> ``cuda``, ``node/cpu``
+    -> ``cpu``. Footprints are shared per kind, not per device: a model's tensors take
+    the same bytes on every GPU, so one load's measurement prices it on all of them."""
+    device = device_id.rsplit("/", 1)[-1]
+    return device.split(":", 1)[0] or "cpu"
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,28 @@ class DeviceRecord:
 
 
 @dataclass(frozen=True)
+class Footprint:
+    """What the last load of a model version measured on a kind of device.
+
+    ``footprint_bytes``: what the copy held once loaded; ``peak_bytes``: the most it
+    held during load and warm-up (what admission reserves next time); ``load_seconds``:
+    the worker's load time; ``measured_at``: epoch seconds of the load.
+    """
+
+    model: str
+    version: int
+    device_kind: str
+    footprint_bytes: int
+    peak_bytes: int
+    load_seconds: float
+    measured_at: float = 0.0
+
+    @property
+    def key(self) -> FootprintKey:
+        return (self.model, self.version, self.device_kind)
+
+
+@dataclass(frozen=True)
 class WorkerUp:
     worker: WorkerRecord
 
@@ -87,12 +122,22 @@ class DevicePut:
 
 
 @dataclass(frozen=True)
+class FootprintPut:
+    footprint: Footprint
+
+
+@dataclass(frozen=True)
 class Resynced:
-    """The store (re)connected: replace the whole local view with this state."""
+    """The store (re)connected: replace the whole local view with this state.
+    ``footprints`` are merged, not replaced: a measurement stays true when a store
+    comes back empty."""
 
     workers: tuple[WorkerRecord, ...]
     devices: tuple[DeviceRecord, ...]
     copies: tuple[CopyView, ...]
+    footprints: tuple[Footprint, ...] = ()
 
 
-StoreEvent = WorkerUp | WorkerDown | CopyUpserted | CopyRemoved | DevicePut | Resynced
+StoreEvent = (
+    WorkerUp | WorkerDown | CopyUpserted | CopyRemoved | DevicePut | FootprintPut | Resynced
+)

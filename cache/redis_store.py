@@ -12,6 +12,9 @@ key                             type    content
 ``{ns}:v1:lastused``            hash    ``model|version|worker`` -> last use, epoch seconds
                                         (written in batches by gateways)
 ``{ns}:v1:devices``             hash    device id -> DeviceRecord JSON (last measurement)
+``{ns}:v1:footprints``          hash    ``model|version|device kind`` -> Footprint JSON
+                                        (bytes, peak, load seconds of the last load);
+                                        never expires, outlives every gateway
 ``{ns}:v1:lock:{model}:{ver}``  string  fencing token of the load-lock holder (expires)
 ``{ns}:v1:fence``               string  counter the fencing tokens come from
 ``{ns}:v1:gateways``            zset    gateway id -> expiry (epoch seconds); live ones
@@ -33,7 +36,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -51,6 +54,8 @@ from modelpool.cache.records import (
     CopyView,
     DevicePut,
     DeviceRecord,
+    Footprint,
+    FootprintPut,
     Resynced,
     StoreEvent,
     WorkerDown,
@@ -124,6 +129,7 @@ class Keys:
         self.copies = f"{p}:copies"
         self.lastused = f"{p}:lastused"
         self.devices = f"{p}:devices"
+        self.footprints = f"{p}:footprints"
         self.fence = f"{p}:fence"
         self.gateways = f"{p}:gateways"
         self.events = f"{p}:events"
@@ -234,7 +240,12 @@ class RedisStore(ResidencyStore):
                 # both in the snapshot and delivered, and applying it twice is harmless.
                 snap = await self.snapshot()
                 self._publish(
-                    Resynced(tuple(snap.workers), tuple(snap.devices), tuple(snap.copies))
+                    Resynced(
+                        tuple(snap.workers),
+                        tuple(snap.devices),
+                        tuple(snap.copies),
+                        tuple(snap.footprints),
+                    )
                 )
                 self.connected.set()
                 backoff = 0.1
@@ -277,7 +288,8 @@ class RedisStore(ResidencyStore):
             pipe.hgetall(self.keys.copies)
             pipe.hgetall(self.keys.devices)
             pipe.hgetall(self.keys.lastused)
-            ids, copies, devices, lastused = await pipe.execute()
+            pipe.hgetall(self.keys.footprints)
+            ids, copies, devices, lastused, footprints = await pipe.execute()
             ids = sorted(ids)
             records = await self.redis.mget([self.keys.worker(i) for i in ids]) if ids else []
             workers = [codec.worker_from_dict(json.loads(r)) for r in records if r]
@@ -289,7 +301,10 @@ class RedisStore(ResidencyStore):
                     used = float(lastused.get(field, 0.0))
                     out.append(c if used <= c.last_used else _with_last_used(c, used))
             return Snapshot(
-                workers, [codec.device_from_dict(json.loads(d)) for d in devices.values()], out
+                workers,
+                [codec.device_from_dict(json.loads(d)) for d in devices.values()],
+                out,
+                _footprints(footprints.values()),
             )
 
         return await self._io("snapshot", read())
@@ -416,6 +431,21 @@ class RedisStore(ResidencyStore):
             }
             await self._io("touch", self.redis.hset(self.keys.lastused, mapping=mapping))
 
+    async def record_footprint(self, footprint: Footprint) -> None:
+        await self._io(
+            "record footprint",
+            self.redis.hset(
+                self.keys.footprints,
+                codec.footprint_field(footprint.key),
+                codec.footprint_to_json(footprint),
+            ),
+        )
+        await self._emit(FootprintPut(footprint))
+
+    async def footprints(self) -> list[Footprint]:
+        raw = await self._io("read footprints", self.redis.hvals(self.keys.footprints))
+        return _footprints(str(r) for r in raw)
+
     # -- load lock --------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def load_lock(self, model: str, version: int, timeout_s: float) -> AsyncIterator[int]:
@@ -471,6 +501,17 @@ class RedisStore(ResidencyStore):
                 await self._listener
         await self.redis.aclose()
         await self._sub_redis.aclose()
+
+
+def _footprints(values: Iterable[str]) -> list[Footprint]:
+    """Decoded measurements; one malformed entry (a later schema's) is skipped."""
+    out = []
+    for raw in values:
+        try:
+            out.append(codec.footprint_from_dict(json.loads(raw)))
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("residency store: ignoring malformed footprint %r: %s", raw[:200], e)
+    return out
 
 
 def _with_last_used(copy: CopyView, t: float) -> CopyView:

@@ -14,7 +14,7 @@ import dataclasses
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from modelpool.cache.records import (
     CopyKey,
@@ -24,6 +24,9 @@ from modelpool.cache.records import (
     CopyView,
     DevicePut,
     DeviceRecord,
+    Footprint,
+    FootprintKey,
+    FootprintPut,
     StoreEvent,
     WorkerDown,
     WorkerRecord,
@@ -39,6 +42,7 @@ class Snapshot:
     workers: list[WorkerRecord]
     devices: list[DeviceRecord]
     copies: list[CopyView]
+    footprints: list[Footprint] = field(default_factory=list)
 
 
 class ResidencyStore(ABC):
@@ -103,6 +107,15 @@ class ResidencyStore(ABC):
         """Record last-use times (seconds since the epoch), batched by the caller."""
 
     @abstractmethod
+    async def record_footprint(self, footprint: Footprint) -> None:
+        """Keep what a load measured, replacing the last measurement of the same model
+        version on the same device kind, and tell every gateway (``FootprintPut``)."""
+
+    @abstractmethod
+    async def footprints(self) -> list[Footprint]:
+        """Every recorded measurement (also in ``snapshot``)."""
+
+    @abstractmethod
     def load_lock(
         self, model: str, version: int, timeout_s: float
     ) -> contextlib.AbstractAsyncContextManager[int]:
@@ -122,12 +135,16 @@ class InMemoryStore(ResidencyStore):
         self._workers: dict[str, WorkerRecord] = {}
         self._devices: dict[str, DeviceRecord] = {}
         self._copies: dict[CopyKey, CopyView] = {}
+        self._footprints: dict[FootprintKey, Footprint] = {}
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._tokens = itertools.count(1)
 
     async def snapshot(self) -> Snapshot:
         return Snapshot(
-            list(self._workers.values()), list(self._devices.values()), list(self._copies.values())
+            list(self._workers.values()),
+            list(self._devices.values()),
+            list(self._copies.values()),
+            list(self._footprints.values()),
         )
 
     async def register_worker(self, worker: WorkerRecord) -> None:
@@ -176,6 +193,13 @@ class InMemoryStore(ResidencyStore):
             c = self._copies.get(key)
             if c is not None and t > c.last_used:
                 self._copies[key] = dataclasses.replace(c, last_used=t)
+
+    async def record_footprint(self, footprint: Footprint) -> None:
+        self._footprints[footprint.key] = footprint
+        self._publish(FootprintPut(footprint))
+
+    async def footprints(self) -> list[Footprint]:
+        return list(self._footprints.values())
 
     @contextlib.asynccontextmanager
     async def load_lock(self, model: str, version: int, timeout_s: float) -> AsyncIterator[int]:

@@ -112,6 +112,23 @@ def render(status: dict[str, Any], url: str, now: float | None = None) -> str:
     out.append(
         table(["MODEL", "VERSION", "WORKER", "STATE", "FOOTPRINT", "LAST USED", "IN FLIGHT"], rows)
     )
+    # Older gateways send no measurements.
+    measured = status.get("footprints") or []
+    if measured:
+        rows = [
+            [
+                f["model"],
+                str(f["version"]),
+                f["device_kind"],
+                human_bytes(f["footprint_bytes"]),
+                human_bytes(f["peak_bytes"]),
+                f"{f['load_seconds']:.2f}s",
+                human_bytes(f["planned_bytes"]),
+            ]
+            for f in measured
+        ]
+        headers = ["MEASURED", "VERSION", "KIND", "FOOTPRINT", "PEAK", "LOAD", "PLANNED"]
+        out += ["", table(headers, rows)]
     return "\n".join(out)
 
 

@@ -38,7 +38,9 @@ class Serve:
 def start_serve(repo: Path, extra: list[str], log_path: Path, timeout_s: float = 120.0) -> Serve:
     cmd = [
         sys.executable, "-m", "modelpool.gateway.cli", "serve", "--model-repository", str(repo),
-        "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *extra,
+        "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
+        # A benchmark starts empty: a warm restart would preload the last run's models.
+        "--no-warm-restart", *extra,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True)
     m = wait_for_line(proc, READY_RE, timeout_s)

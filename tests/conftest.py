@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -78,6 +79,9 @@ class Served:
 
 def start_serve(repo: Path, log_path: Path, *args: str, timeout: float = 90.0) -> Served:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Each server its own warm-restart state, so that one test's residency is never
+    # preloaded by the next; tests of warm restarts pass --state-dir.
+    env["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="state-", dir=log_path.parent)
     if "--devices" not in args:
         env["MODELPOOL_FORCE_CPU"] = "1"
     cmd = [

@@ -166,6 +166,20 @@ def test_out_of_memory_in_warm_up_is_typed_and_gives_the_copy_back(tmp_path: Pat
     assert not runtime.models
 
 
+def test_a_known_peak_skips_the_warm_up_forward(tmp_path: Path) -> None:
+    """The same greedy model loads when its peak is known: no warm-up forward ran."""
+    from modelpool.gpu.repository import ModelRepository
+    from modelpool.gpu.runtime import ModelRuntime
+    from tests.modelgen import write_model
+
+    write_model(tmp_path, "greedy", Hungry(256 * MiB, 1 << 40))
+    runtime = ModelRuntime(ModelRepository(tmp_path), "cuda:0")
+    loaded = runtime.load("greedy", 1, known_peak_bytes=512 * MiB)
+    assert loaded.peak_bytes == 512 * MiB
+    assert loaded.footprint_bytes >= 256 * MiB
+    runtime.unload("greedy", 1)
+
+
 def test_unreleasable_is_what_empty_cache_leaves() -> None:
     """On a quiet device the allocator's non-releasable bytes are reserved - allocated
     after empty_cache(): holes in segments that still hold a live tensor."""

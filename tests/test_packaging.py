@@ -146,6 +146,8 @@ def _clean_env(venv: Path) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env["MODELPOOL_FORCE_CPU"] = "1"
     env["VIRTUAL_ENV"] = str(venv)
+    # Warm-restart state beside the venv, not in the user's home.
+    env["XDG_STATE_HOME"] = str(venv.parent / "state")
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
     return env
 

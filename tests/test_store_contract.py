@@ -8,17 +8,21 @@ from pathlib import Path
 
 import pytest
 
+from modelpool.cache.footprints import FootprintBook
 from modelpool.cache.records import (
     CopyRemoved,
     CopyState,
     CopyUpserted,
     CopyView,
     DeviceRecord,
+    Footprint,
+    FootprintPut,
     Resynced,
     StoreEvent,
     WorkerDown,
     WorkerRecord,
     WorkerUp,
+    device_kind,
 )
 from modelpool.cache.store import InMemoryStore, ResidencyStore
 from modelpool.cache.view import ResidencyView
@@ -165,6 +169,65 @@ async def test_touch_updates_last_use(make_store) -> None:
     await store.touch({copy("a").key: 1234.5})
     [c] = (await store.snapshot()).copies
     assert c.last_used == pytest.approx(1234.5)
+
+
+def footprint(model: str, kind: str = "cpu", peak: int = 300, at: float = 1.0) -> Footprint:
+    return Footprint(model, 1, kind, peak - 100, peak, 0.25, measured_at=at)
+
+
+async def test_footprints_are_kept_per_model_version_and_device_kind(make_store) -> None:
+    store = make_store()
+    await store.record_footprint(footprint("a", "cpu", 300))
+    await store.record_footprint(footprint("a", "cuda", 500))
+    await store.record_footprint(footprint("a", "cpu", 400, at=2.0))  # a later load
+    got = sorted(await store.footprints(), key=lambda f: f.device_kind)
+    assert got == [footprint("a", "cpu", 400, at=2.0), footprint("a", "cuda", 500)]
+    snap = await store.snapshot()
+    assert sorted(snap.footprints, key=lambda f: f.device_kind) == got
+
+
+async def test_footprints_reach_another_process_and_outlive_it(make_store) -> None:
+    writer, reader = make_store(), make_store()
+    view = ResidencyView()
+    book = FootprintBook(reader, view)
+    seen = asyncio.Event()
+    reader.subscribe(lambda e: seen.set() if isinstance(e, FootprintPut) else None)
+    await reader.start()
+    if hasattr(reader, "connected"):
+        await asyncio.wait_for(reader.connected.wait(), 10)
+    await writer.record_footprint(footprint("a", "cpu", 300))
+    await asyncio.wait_for(seen.wait(), 10)
+    assert book.get(("a", 1)) == (300, 0.25)
+    await writer.close()
+    # A process started afterwards (a restarted gateway) reads it from the store.
+    later = make_store()
+    fresh = FootprintBook(later, ResidencyView())
+    fresh.load((await later.snapshot()).footprints)
+    assert fresh.get(("a", 1)) == (300, 0.25)
+
+
+def test_book_prices_a_model_by_the_device_kinds_the_pool_has() -> None:
+    view = ResidencyView()
+    book = FootprintBook(InMemoryStore(), view)
+    assert book.get(("a", 1)) is None
+    book.put(footprint("a", "cpu", 300))
+    book.put(footprint("a", "cuda", 900))
+    # No worker yet: the largest measurement of any kind.
+    assert book.get(("a", 1)) == (900, 0.25)
+    view.apply(WorkerUp(W1))  # a CPU worker: the CPU measurement prices it
+    assert book.get(("a", 1)) == (300, 0.25)
+    book.guess("a", 1, 450, 60.0)  # an out-of-memory load asks for more, locally
+    assert book.get(("a", 1)) == (450, 60.0)
+    book.put(footprint("a", "cpu", 350, at=5.0))  # the next measurement replaces it
+    assert book.get(("a", 1)) == (350, 0.25)
+    book.load([footprint("a", "cpu", 999, at=0.5)])  # an older snapshot loses
+    assert book.get(("a", 1)) == (350, 0.25)
+
+
+def test_device_kind_of_device_ids() -> None:
+    assert device_kind("node/cpu") == "cpu"
+    assert device_kind("node/cuda:1") == "cuda"
+    assert device_kind("cuda:0") == "cuda"
 
 
 # -- Redis only ------------------------------------------------------------------------
