@@ -82,9 +82,10 @@ def _add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--acquire-timeout",
         type=float,
-        default=120.0,
+        default=15.0,
         help="longest a request waits for a copy (a load, or room) before a 503 with "
-        "Retry-After; a shorter client deadline wins (default 120)",
+        "Retry-After; the load itself carries on for later requests; a shorter client "
+        "deadline wins (default 15)",
     )
     p.add_argument(
         "--recycle-retained-size",
@@ -113,7 +114,26 @@ def _add_gateway_args(p: argparse.ArgumentParser) -> None:
         help="least seconds between two worker recycles on one device (default 60)",
     )
     p.add_argument(
-        "--min-residency", type=float, default=0.0, help="seconds before a new copy may be evicted"
+        "--min-residency",
+        type=float,
+        default=0.5,
+        help="seconds before a new copy may be evicted by a newcomer (default 0.5; a load "
+        "that has waited that long for room is not held back by it)",
+    )
+    p.add_argument(
+        "--system-shared-memory",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="let clients register /dev/shm regions (Triton's system shared memory): "
+        "auto is on without --auth-config and off with it (default auto)",
+    )
+    p.add_argument(
+        "--admission-window",
+        type=float,
+        default=0.5,
+        help="longest seconds a load waits while the copies it would evict are worth more "
+        "than the model; past it, the load drains and takes its victims (default 0.5; 0: "
+        "load at once, never drain)",
     )
     p.add_argument("--log-level", default="INFO")
     p.add_argument(
@@ -149,9 +169,34 @@ def _add_gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--policy",
         choices=["lru", "gdsf"],
-        default="lru",
-        help="eviction policy: lru (classic, default) or gdsf (cost-aware: reload cost x "
-        "decayed frequency / size); see docs/placement.md",
+        default="gdsf",
+        help="eviction policy: gdsf (cost-aware: reload cost x decayed frequency / size; "
+        "the default, chosen by measurement) or lru (classic); see docs/placement.md",
+    )
+    p.add_argument(
+        "--model-control-mode",
+        choices=["on-demand", "none", "poll", "explicit"],
+        default="on-demand",
+        help="on-demand (default): every model serves, loading on its first request; "
+        "repository load/unload work, and an unloaded model loads again on its next "
+        "request. explicit: only models loaded through the repository API or "
+        "--load-model serve, and an unload sticks. poll: the repository is re-scanned "
+        "every --repository-poll-secs (new versions load before they replace the old). "
+        "none: as on-demand, with the repository API refused. See docs/model-control.md",
+    )
+    p.add_argument(
+        "--load-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="load NAME at start (repeatable; '*': every model), in any mode",
+    )
+    p.add_argument(
+        "--repository-poll-secs",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="seconds between repository scans with --model-control-mode poll (default 15)",
     )
     p.add_argument(
         "--housekeeping-interval",
@@ -197,6 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--devices", default="auto", help="auto (CUDA if present), cpu, or cuda:0,cuda:1"
     )
     serve.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+    serve.add_argument(
+        "--state-dir",
+        default=None,
+        metavar="DIR",
+        help="where serve keeps its warm-restart state, one file per model repository "
+        "(default: $XDG_STATE_HOME/modelpool, else ~/.local/state/modelpool)",
+    )
+    serve.add_argument(
+        "--no-warm-restart",
+        action="store_true",
+        help="start cold: neither preload the models resident before the last stop nor "
+        "save them for the next start",
+    )
     _add_redis_args(serve, required=False)
 
     gateway = sub.add_parser("gateway", help="a gateway replica over workers registered in Redis")
@@ -383,7 +441,9 @@ async def _serve(args: argparse.Namespace) -> int:
     if budget is None and "cpu" in devices:
         budget = 2 << 30
 
-    gateway = Gateway(config, _store(args.redis_url, args.redis_namespace))
+    gateway = Gateway(
+        config, _store(args.redis_url, args.redis_namespace), model_control=_model_control(args)
+    )
     supervisor = LocalWorkers(
         SupervisorConfig(
             model_repository=gateway.repository.root.as_posix(),
@@ -402,12 +462,20 @@ async def _serve(args: argparse.Namespace) -> int:
     )
     gateway.manager.recycler = supervisor.recycle
     gateway.dataplane.expected_devices = frozenset(s.device_id for s in slots)
+    warm = _warm_restart(args, gateway)
     stop = asyncio.Event()
     _install_signals(stop, gateway.reload_auth)
     try:
         await supervisor.start()
+        if warm is not None:
+            warm.hold_ready()
         ports = await gateway.start()
         await gateway.poll_once()
+        await gateway.start_models()
+        if warm is not None:
+            # Before the ready line and /v2/health/ready: the first requests are warm.
+            await warm.preload()
+            warm.start_saving()
         log.info(
             "serving %d models from %s on %s with %d worker(s) on %s",
             len(gateway.repository.names()),
@@ -420,9 +488,23 @@ async def _serve(args: argparse.Namespace) -> int:
         await stop.wait()
         log.info("shutting down")
     finally:
+        if warm is not None:
+            await warm.stop()  # while the copies are still resident
         await supervisor.stop()
         await gateway.stop()
     return 0
+
+
+def _warm_restart(args: argparse.Namespace, gateway):
+    """The warm-restart state of ``serve`` (None with ``--no-warm-restart``)."""
+    if args.no_warm_restart:
+        return None
+    from pathlib import Path
+
+    from modelpool.gateway.warm_restart import WarmRestart, default_state_dir, state_path
+
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    return WarmRestart(gateway, state_path(state_dir, gateway.repository.root))
 
 
 def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
@@ -444,6 +526,8 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         max_inflight_per_copy=args.max_inflight_per_copy,
         max_queued_per_model=args.max_queue_per_model,
         min_residency_s=args.min_residency,
+        admission_window_s=args.admission_window,
+        system_shared_memory=args.system_shared_memory,
         watermarks=Watermarks(high=args.high_watermark, low=args.low_watermark),
         poll_interval_s=args.housekeeping_interval,
         policy=args.policy,
@@ -454,6 +538,16 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         replication=None
         if args.max_copies <= 1
         else ReplicationConfig(args.replicate_hot_rps, args.replicate_cool_rps, args.max_copies),
+    )
+
+
+def _model_control(args: argparse.Namespace):
+    from modelpool.gateway.model_control import ControlMode, ModelControlConfig
+
+    return ModelControlConfig(
+        mode=ControlMode(args.model_control_mode),
+        load_models=tuple(args.load_model),
+        poll_interval_s=args.repository_poll_secs,
     )
 
 
@@ -470,12 +564,17 @@ def _store(url: str | None, namespace: str):
 async def _gateway(args: argparse.Namespace) -> int:
     from modelpool.gateway.server import Gateway, ready_line
 
-    gateway = Gateway(_gateway_config(args), _store(args.redis_url, args.redis_namespace))
+    gateway = Gateway(
+        _gateway_config(args),
+        _store(args.redis_url, args.redis_namespace),
+        model_control=_model_control(args),
+    )
     stop = asyncio.Event()
     _install_signals(stop, gateway.reload_auth)
     try:
         ports = await gateway.start()
         await gateway.poll_once()
+        await gateway.start_models()
         log.info(
             "gateway serving %d models; %d workers registered",
             len(gateway.repository.names()),

@@ -38,10 +38,19 @@ class GatewayConfig:
     infer_timeout_s: float = 60.0
     load_timeout_s: float = 300.0
     #: How long a request may wait for a copy (a load by someone else, or capacity).
-    acquire_timeout_s: float = 120.0
+    acquire_timeout_s: float = 15.0
+    #: How long one placement (its lock, evictions and load) may take, whoever waits
+    #: for it: a request gives up after ``acquire_timeout_s``, the load goes on.
+    placement_timeout_s: float = 120.0
     #: Copies younger than this are not evicted (stops thrashing under bursts).
-    min_residency_s: float = 0.0
-    policy: str = "lru"
+    min_residency_s: float = 0.5
+    #: Longest a load is held back while the copies it would evict are worth more
+    #: than the model (0: admit at once); see ``placement.admission``.
+    admission_window_s: float = 0.5
+    policy: str = "gdsf"
+    #: System shared memory registration: "on", "off", or "auto" (on without an auth
+    #: config, where only this host's own users can reach the server by default).
+    system_shared_memory: str = "auto"
     #: How often device memory is read, pressure checked and replication planned.
     poll_interval_s: float = 1.0
     watermarks: Watermarks = field(default_factory=Watermarks)

@@ -50,16 +50,21 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from google.protobuf import json_format
+
+from modelpool.cache.footprints import FootprintBook
 from modelpool.cache.records import (
     CopyKey,
     CopyRemoved,
     CopyState,
     CopyUpserted,
     CopyView,
+    Footprint,
     Resynced,
     StoreEvent,
     WorkerDown,
     WorkerRecord,
+    device_kind,
 )
 from modelpool.cache.store import ResidencyStore
 from modelpool.cache.view import ResidencyView
@@ -68,6 +73,7 @@ from modelpool.gateway.metrics import Metrics
 from modelpool.gpu import protocol
 from modelpool.gpu.repository import ModelRepository
 from modelpool.placement import policy as pol
+from modelpool.placement.admission import Demand, judge
 from modelpool.placement.cluster import ClusterView, DeviceView, ModelInfo, WorkerView
 from modelpool.placement.errors import (
     DeadlineExceeded,
@@ -92,7 +98,9 @@ class WorkerRPC(Protocol):
     worker_id: str
     address: str
 
-    async def load(self, model: str, version: int, timeout_s: float) -> protocol.LoadResult: ...
+    async def load(
+        self, model: str, version: int, timeout_s: float, known_peak_bytes: int = 0
+    ) -> protocol.LoadResult: ...
 
     async def unload(
         self, model: str, version: int, timeout_s: float
@@ -150,6 +158,18 @@ class _MakeQuotaRoom:
 
 
 @dataclass(frozen=True)
+class _Defer:
+    """Admission holds the load back until ``until`` (see ``placement.admission``)."""
+
+    until: Deadline
+
+
+@dataclass(frozen=True)
+class _Yield:
+    """An older placement is blocked for room: this one waits rather than take it."""
+
+
+@dataclass(frozen=True)
 class LoadFailure:
     """Why a model version's last load failed, and the artifact's mtime then: an
     unchanged broken file fails fast, a replaced one is tried again."""
@@ -183,6 +203,9 @@ class ManagerConfig:
     #: How long a loaded copy is held for the request that asked for it before it
     #: may be evicted unserved (that request gave up, or was served elsewhere).
     fresh_grace_s: float = 10.0
+    #: Longest a load may be held back because its victims are worth more than the
+    #: model (``placement.admission``); 0 admits every load at once.
+    admission_window_s: float = 0.0
 
 
 class CopyManager:
@@ -210,6 +233,9 @@ class CopyManager:
         self.recycler = recycler
         #: Tenants' device-memory quotas (from the auth config); None: no quotas.
         self.quota_of = quota_of
+        #: Raises for a model that model control keeps unloaded (explicit mode,
+        #: ``gateway/model_control.py``); None: every model loads on demand.
+        self.load_gate: Callable[[str], None] | None = None
         # -- owned state: see the module docstring for who writes what --
         self._leases: dict[int, CopyKey] = {}
         self._lease_ids = itertools.count(1)
@@ -223,6 +249,10 @@ class CopyManager:
         #: copies before either served, and the pool would load without serving.
         self._fresh: dict[CopyKey, float] = {}
         self._placements: dict[tuple[str, int], asyncio.Task[None]] = {}
+        #: Placements that found no idle copies to make room (or lost their victims to
+        #: new requests), by when they started: younger ones do not load before them,
+        #: or a large model starves while small ones take every byte that frees up.
+        self._blocked: dict[tuple[str, int], float] = {}
         self._loads: dict[CopyKey, asyncio.Task[None]] = {}
         self._draining: set[str] = set()
         self._last_recycle: dict[str, float] = {}
@@ -231,9 +261,13 @@ class CopyManager:
         #: never count the same free bytes or pick the same victim.
         self._plan_lock = asyncio.Lock()
         self._change = asyncio.Event()
-        #: Peak bytes and load seconds measured on the last load of each model version.
-        self.measured: dict[tuple[str, int], tuple[int, float]] = {}
+        #: Peak bytes and load seconds measured on the last load of each model version
+        #: per device kind: the store's record (shared by every gateway, kept across
+        #: restarts with Redis), mirrored locally and fed by store events.
+        self.measured = FootprintBook(store, view)
         self.failures: dict[tuple[str, int], LoadFailure] = {}
+        #: Decayed request counts per model: what admission prices loads with.
+        self.demand = Demand()
         #: Requests routed per model version since start (rates for replication).
         self.requests_by_model: collections.Counter[tuple[str, int]] = collections.Counter()
         store.subscribe(self._apply)
@@ -352,8 +386,13 @@ class CopyManager:
             Unavailable: no capacity before the server's wait bound (Retry-After).
             DeadlineExceeded: the client's deadline passed first.
             ModelLoadError: the artifact cannot be loaded.
+            ModelNotReady: model control keeps the model unloaded (``load_gate``).
         """
-        self.policy.observe(Requested(model, version, time.time()))
+        if self.load_gate is not None:
+            self.load_gate(model)
+        now = time.time()
+        self.policy.observe(Requested(model, version, now))
+        self.demand.observe(model, now)
         lease = self.try_acquire(model, version)
         if lease is not None:
             return lease
@@ -450,7 +489,25 @@ class CopyManager:
         whenever the world moved under the plan."""
         limit = self.config.placement_timeout_s
         deadline = Deadline.after(limit, client_set=False)
+        admission = Deadline.after(self.config.admission_window_s, client_set=False)
+        key, started = (model, version), time.monotonic()
+        try:
+            await self._place_locked(model, version, deadline, admission, key, started)
+        finally:
+            self._blocked.pop(key, None)
+
+    async def _place_locked(
+        self,
+        model: str,
+        version: int,
+        deadline: Deadline,
+        admission: Deadline,
+        key: tuple[str, int],
+        started: float,
+    ) -> None:
+        limit = self.config.placement_timeout_s
         failures = 0
+        deferred = False
         async with self.store.load_lock(model, version, timeout_s=limit) as fence:
             while True:
                 # Every round yields: a plan that cannot progress (a reservation the
@@ -466,9 +523,11 @@ class CopyManager:
                     )
                 async with self._plan_lock:
                     view = self.cluster_view(model, version)
-                    request = self._request(model, version)
+                    request = self._request(model, version, waited_s=limit - deadline.remaining())
                     over = self._over_quota(model, view, request)
-                    plan = over if over is not None else self.policy.plan(view, request)
+                    plan: pol.Plan | _MakeQuotaRoom | _Defer | _Yield = (
+                        over if over is not None else self.policy.plan(view, request)
+                    )
                     victims: list[CopyView] = []
                     if isinstance(plan, _MakeQuotaRoom):
                         claimed = self._claim(plan.evict)
@@ -476,14 +535,44 @@ class CopyManager:
                             plan = pol.Wait(plan.evict[0])
                         else:
                             victims = claimed
+                    elif isinstance(plan, pol.Load) and self._defer(
+                        model, plan, view, admission, deferred
+                    ):
+                        deferred = True
+                        plan = _Defer(admission)
+                    elif isinstance(plan, pol.Load) and self._yields(key, started):
+                        plan = _Yield()
                     elif isinstance(plan, pol.Load):
                         claimed = self._claim(plan.evict)
                         if claimed is None:
                             # A victim got a request meanwhile: plan again once
-                            # something changed.
+                            # something changed, ahead of younger placements.
+                            self._blocked.setdefault(key, started)
                             plan = pol.Wait(plan.evict[0])
                         else:
                             victims = claimed
+                    elif (
+                        isinstance(plan, pol.Reject)
+                        and plan.retryable
+                        and admission.expired()
+                        and _could_fit(view, model)
+                    ):
+                        # Room would come if copies went idle: first claim on it.
+                        self._blocked.setdefault(key, started)
+                    if (
+                        isinstance(plan, pol.Reject | pol.Wait)
+                        and key in self._blocked
+                        and self.config.admission_window_s > 0
+                        and admission.expired()
+                        and not self._yields(key, started)
+                    ):
+                        # The oldest blocked placement, past its window: take its
+                        # victims busy or not, route no new request to them, and
+                        # unload them once their requests finish.
+                        drain = self._drain_plan(view, request)
+                        claimed = self._claim(drain.evict, busy_ok=True) if drain else None
+                        if drain is not None and claimed is not None:
+                            plan, victims = drain, claimed
                 match plan:
                     case _MakeQuotaRoom():
                         try:
@@ -493,6 +582,12 @@ class CopyManager:
                             for victim in victims:
                                 self._claimed.discard(victim.key)
                             self._notify()
+                    case _Yield():
+                        await self._wait_change(deadline.capped(1.0))
+                    case _Defer(until):
+                        # Its requests gather behind this placement meanwhile; plan
+                        # again if memory moves (free room needs no admission).
+                        await self._wait_change(min(deadline.capped(1.0), until.remaining()))
                     case pol.Reject(reason=reason, retryable=False):
                         raise DoesNotFit(reason)
                     case pol.Reject(reason=reason) if not self.view.workers and not self._draining:
@@ -502,11 +597,17 @@ class CopyManager:
                         )
                     case pol.Route() | pol.Reject() | pol.Wait():
                         # Route: a copy placement can see but this gateway may not use
-                        # yet (claimed, suspect); wait for it to settle either way.
-                        await self._wait_change(deadline.capped(1.0))
+                        # yet (claimed, suspect); wait for it to settle either way. Wake
+                        # at the admission window's end at the latest: a drain may start.
+                        window = admission.remaining() if not admission.expired() else 1.0
+                        await self._wait_change(deadline.capped(max(window, 0.001)))
                     case pol.Load():
                         try:
-                            if not await self._execute(model, version, plan, victims, fence):
+                            # A blocked placement keeps its first claim on room until
+                            # its load is under way: the victims' bytes are for it.
+                            if await self._execute(model, version, plan, victims, fence):
+                                self._blocked.pop(key, None)
+                            else:
                                 # No progress (the store refused the reservation, or a
                                 # victim would not go): wait for the world to move.
                                 await self._wait_change(deadline.capped(1.0))
@@ -517,7 +618,39 @@ class CopyManager:
                             if isinstance(e, OutOfMemory):
                                 # The estimate was short: ask for half as much again.
                                 need = int(plan.reserve_bytes * 1.5)
-                                self.measured[(model, version)] = (need, self.config.load_timeout_s)
+                                self.measured.guess(model, version, need, self.config.load_timeout_s)
+
+    def _drain_plan(self, view: ClusterView, request: pol.PlacementRequest) -> pol.Load | None:
+        """The policy's load as if every READY copy were idle: victims chosen in its
+        order among copies that only their requests in flight keep."""
+        idle = dataclasses.replace(
+            view,
+            copies=tuple(
+                dataclasses.replace(c, inflight=0) if c.state == CopyState.READY else c
+                for c in view.copies
+            ),
+        )
+        plan = self.policy.plan(idle, request)
+        return plan if isinstance(plan, pol.Load) and plan.evict else None
+
+    def _yields(self, key: tuple[str, int], started: float) -> bool:
+        """Whether an older placement is blocked for room: it loads first."""
+        return any(k != key and t < started for k, t in self._blocked.items())
+
+    def _defer(
+        self, model: str, plan: pol.Load, view: ClusterView, window: Deadline, deferred: bool
+    ) -> bool:
+        """Hold the load back while its victims are worth more than the model, for at
+        most the admission window (from the placement's start)."""
+        if not plan.evict or window.expired():
+            return False
+        verdict = judge(plan, view, model, self.demand.snapshot(time.time()))
+        if verdict.admit:
+            return False
+        if not deferred:
+            self.metrics.admission_deferrals.labels(model).inc()
+            log.debug("deferring load: %s", verdict.describe(model))
+        return True
 
     def _over_quota(
         self, model: str, view: ClusterView, request: pol.PlacementRequest
@@ -532,8 +665,11 @@ class CopyManager:
         if quota is None:
             return None
         info = view.models[model]
+        # A tenant at its quota trades its own copies: the minimum residency shields a
+        # copy from newcomers, not from its own tenant's next model.
+        own = dataclasses.replace(request, min_residency_s=0.0)
         victims = quota_victims(
-            view, quota.owns, info.need_bytes, quota.limit_bytes, request,
+            view, quota.owns, info.need_bytes, quota.limit_bytes, own,
             self.policy.eviction_rank(view, request.now),
         )  # fmt: skip
         if victims is None:
@@ -552,6 +688,12 @@ class CopyManager:
         """Unload the claimed victims, reserve, load. False, early, when a victim would
         not go or the store refused the reservation (the caller plans again)."""
         try:
+            # Victims claimed busy (a drain) go once their requests have finished.
+            drain = Deadline.after(self.config.drain_timeout_s, client_set=False)
+            while any(self._inflight.get(v.key, 0) for v in victims):
+                if drain.expired():
+                    return False
+                await self._wait_change(drain.capped(1.0))
             for victim in victims:
                 if not await self._unload_claimed(victim, reason="capacity"):
                     return False
@@ -612,7 +754,20 @@ class CopyManager:
         started = time.monotonic()
         try:
             try:
-                result = await client.load(model, version, timeout_s=self.config.load_timeout_s)
+                measured = self.measured.get((model, version))
+                # A config override (repository load with ``config``) goes with every
+                # load of the model, so the worker reads it as this gateway does.
+                override = self.repository.override(model)
+                extra: dict[str, Any] = {}
+                if override is not None:
+                    extra["config_override"] = json_format.MessageToJson(override)
+                result = await client.load(
+                    model,
+                    version,
+                    timeout_s=self.config.load_timeout_s,
+                    known_peak_bytes=measured[0] if measured else 0,
+                    **extra,
+                )
             except DeadlineExceeded:
                 # The server's bound, not a client's: its waiters may try again.
                 raise Unavailable(
@@ -649,7 +804,12 @@ class CopyManager:
         self.metrics.loads.labels(model, "success").inc()
         self.metrics.load_duration.labels(model).observe(elapsed)
         self.policy.observe(Loaded(reservation, time.time()))
-        self.measured[(model, version)] = (result.peak_bytes, result.load_seconds)
+        footprint = Footprint(
+            model, version, device_kind(worker.device_id), result.footprint_bytes,
+            result.peak_bytes, result.load_seconds, time.time(),
+        )  # fmt: skip
+        self.measured.put(footprint)
+        self._spawn(self.measured.share(footprint))
         log.info(
             "placed model=%s version=%d worker=%s footprint=%d load_s=%.3f",
             model, version, worker_id, result.footprint_bytes, elapsed,
@@ -670,10 +830,14 @@ class CopyManager:
         return int(device.total_bytes * self.config.watermarks.high) - device.used_other_bytes
 
     # -- eviction ----------------------------------------------------------------------
-    def _claim(self, victims: Iterable[CopyView]) -> list[CopyView] | None:
+    def _claim(
+        self, victims: Iterable[CopyView], busy_ok: bool = False
+    ) -> list[CopyView] | None:
         """Claim copies for unloading, in this same event-loop step in which they are
         checked idle, so no request can lease them. All or none: None if any is busy,
-        gone, already claimed or on a draining worker."""
+        gone, already claimed or on a draining worker. ``busy_ok`` claims copies with
+        requests in flight too: no new request is routed to them, and the unload waits
+        for those in flight (``_execute``)."""
         claimed = []
         for v in victims:
             copy = self.view.copies.get(v.key)
@@ -681,7 +845,7 @@ class CopyManager:
                 copy is None
                 or copy.state != CopyState.READY
                 or copy.key in self._claimed
-                or self._inflight.get(copy.key, 0)
+                or (self._inflight.get(copy.key, 0) and not busy_ok)
                 or self._is_fresh(copy.key)
                 or copy.worker_id in self._draining
             ):
@@ -832,9 +996,17 @@ class CopyManager:
             self._notify()
 
     # -- views -------------------------------------------------------------------------
-    def _request(self, model: str, version: int) -> pol.PlacementRequest:
+    def _request(self, model: str, version: int, waited_s: float = 0.0) -> pol.PlacementRequest:
+        """A placement that has waited ``waited_s`` may evict copies that much younger
+        than the minimum residency: the residency shields a new copy from newcomers,
+        not from a model that has been queueing for room longer than it existed.
+        Without this a large model starves while small ones take every copy that
+        comes of age one at a time."""
         return pol.PlacementRequest(
-            model, version, now=time.time(), min_residency_s=self.config.min_residency_s
+            model,
+            version,
+            now=time.time(),
+            min_residency_s=max(0.0, self.config.min_residency_s - waited_s),
         )
 
     def model_info(self, model: str, version: int, resident_bytes: int = 0) -> ModelInfo:
@@ -925,3 +1097,24 @@ class CopyManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+
+
+def _could_fit(view: ClusterView, model: str) -> bool:
+    """Whether ``model`` would fit on some device with a worker once every unpinned
+    copy there went (loading ones finish, then they can go too): room that waiting can
+    bring, unlike another process's memory or a model bigger than the device."""
+    info = view.models.get(model)
+    if info is None:
+        return False
+    for d in view.devices:
+        if not any(w.device_id == d.device_id and w.accepting for w in view.workers):
+            continue
+        movable = sum(
+            c.footprint_bytes
+            for c in view.copies_on(d.device_id)
+            if c.state != CopyState.FAILED
+            and not (view.models.get(c.model) is not None and view.models[c.model].pinned)
+        )
+        if view.free_bytes(d) + movable >= info.need_bytes:
+            return True
+    return False

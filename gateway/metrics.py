@@ -108,6 +108,13 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        self.admission_deferrals = Counter(
+            "modelpool_admission_deferrals",
+            "Loads held back because the copies they would evict were worth more than the "
+            "model (admission); each is loaded at the end of --admission-window at most.",
+            ["model"],
+            registry=registry,
+        )
         self.replications = Counter(
             "modelpool_model_replications",
             "Extra copies this gateway loaded because a model was hot.",

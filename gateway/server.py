@@ -26,7 +26,9 @@ from modelpool.gateway.grpc_server import create_grpc_server
 from modelpool.gateway.housekeeping import Housekeeper
 from modelpool.gateway.limits import TenantLimiter
 from modelpool.gateway.metrics import Metrics
+from modelpool.gateway.model_control import ModelControl, ModelControlConfig
 from modelpool.gateway.rest import create_rest_app
+from modelpool.gateway.shm import SharedMemoryRegistry
 from modelpool.gateway.tenancy import Quotas, gateway_id, wire
 from modelpool.gateway.tenants import Authenticator
 from modelpool.gateway.workers import WorkerClients
@@ -50,6 +52,8 @@ class Gateway:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     #: How long start() waits for a shared store before giving up.
     store_connect_timeout_s: float = 15.0
+    #: --model-control-mode and its flags (``gateway/model_control.py``).
+    model_control: ModelControlConfig = field(default_factory=ModelControlConfig)
 
     def __post_init__(self) -> None:
         self.repository = ModelRepository(self.config.model_repository)
@@ -76,8 +80,9 @@ class Gateway:
             ManagerConfig(
                 load_timeout_s=cfg.load_timeout_s,
                 unload_timeout_s=min(cfg.load_timeout_s, 60.0),
-                placement_timeout_s=cfg.acquire_timeout_s,
+                placement_timeout_s=max(cfg.placement_timeout_s, cfg.acquire_timeout_s),
                 min_residency_s=cfg.min_residency_s,
+                admission_window_s=cfg.admission_window_s,
                 watermarks=cfg.watermarks,
                 retained_limit_bytes=cfg.retained_limit_bytes,
                 recycle_interval_s=cfg.recycle_interval_s,
@@ -102,6 +107,13 @@ class Gateway:
             lambda model, version: per_copy * max(1, self.manager.routable_count(model, version)),
             cfg.max_queued_per_model,
         )
+        self.control = ModelControl(
+            self.model_control,
+            self.repository,
+            self.manager,
+            load_timeout_s=max(cfg.load_timeout_s, cfg.acquire_timeout_s),
+            unload_timeout_s=cfg.infer_timeout_s,
+        )
         self.dataplane = DataPlane(
             self.repository,
             self.view,
@@ -113,6 +125,11 @@ class Gateway:
             audit=self.audit,
             limiter=self.limiter,
             gates=self.gates,
+            control=self.control,
+            shm=SharedMemoryRegistry(
+                enabled=cfg.system_shared_memory == "on"
+                or (cfg.system_shared_memory == "auto" and cfg.auth_config is None)
+            ),
         )
         self.ports = BoundPorts()
         self._runners: list[web.AppRunner] = []
@@ -123,6 +140,8 @@ class Gateway:
     async def start(self) -> BoundPorts:
         snap = await self.store.snapshot()
         self.view.reset(snap.workers, snap.devices, snap.copies)
+        # Measured sizes outlive gateways (Redis): a restarted one plans with them.
+        self.manager.measured.load(snap.footprints)
         await self.store.start()
         cfg = self.config
         rest = create_rest_app(self.dataplane, cfg.max_request_bytes)
@@ -221,6 +240,11 @@ class Gateway:
                 log.exception("housekeeping failed")
             await asyncio.sleep(self.config.poll_interval_s)
 
+    async def start_models(self) -> None:
+        """``--load-model`` loads and, in poll mode, the repository poller; once the
+        workers are up and devices read (after ``poll_once``)."""
+        await self.control.start()
+
     async def poll_once(self) -> None:
         await self.housekeeper.refresh_devices()
 
@@ -231,6 +255,7 @@ class Gateway:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.housekeeper.close()
+        await self.control.close()
         await self.manager.close()
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
@@ -238,6 +263,7 @@ class Gateway:
             await runner.cleanup()
         await self.clients.close()
         await self.store.close()
+        self.dataplane.shm.close()
         self.audit.close()
 
 

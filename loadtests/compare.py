@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import platform
+import shlex
 import signal
 import sys
 import tempfile
@@ -79,7 +80,9 @@ class CompareOptions:
     rate: float | None = None
     seed: int | None = None
     #: modelpool's eviction policy (``--policy`` of ``modelpool serve``).
-    policy: str = "lru"
+    policy: str = "gdsf"
+    #: Further ``modelpool serve`` flags, e.g. ("--min-residency", "0.5").
+    modelpool_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.budget_bytes <= 0:
@@ -132,7 +135,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=None, help="override the scenario's rate")
     p.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
     p.add_argument(
-        "--policy", choices=["lru", "gdsf"], default="lru", help="modelpool's eviction policy"
+        "--policy", choices=["lru", "gdsf"], default="gdsf", help="modelpool's eviction policy"
+    )
+    p.add_argument(
+        "--modelpool-args",
+        default="",
+        help="further `modelpool serve` flags, one string (e.g. '--min-residency 0.5')",
     )
     p.add_argument("--log-level", default="INFO")
 
@@ -150,6 +158,7 @@ def options_from(args: argparse.Namespace) -> CompareOptions:
         rate=args.rate,
         seed=args.seed,
         policy=args.policy,
+        modelpool_args=tuple(shlex.split(args.modelpool_args)),
     )
     # Fail on a bad scenario now, not after generating models and starting servers.
     options.workload("127.0.0.1:1", "http", "127.0.0.1:1")
@@ -181,7 +190,14 @@ async def _start(
     t0 = time.monotonic()
     task = asyncio.create_task(
         asyncio.to_thread(
-            start, system, repo, options.budget_bytes, options.replicas, logs, options.policy
+            start,
+            system,
+            repo,
+            options.budget_bytes,
+            options.replicas,
+            logs,
+            options.policy,
+            options.modelpool_args,
         )
     )
     while not task.done():
@@ -274,6 +290,7 @@ def _setup(
         "budget_bytes": options.budget_bytes,
         "replicas": options.replicas,
         "policy": options.policy,
+        "modelpool_args": list(options.modelpool_args),
         "models": {n: s.artifact_bytes for n, s in sorted(signatures.items())},
         "ray_mapping": {
             **dataclasses.asdict(mapping),

@@ -295,6 +295,34 @@ def test_tritonclient_http_headers(authed: Authed) -> None:
     client.close()
 
 
+def test_system_shared_memory_is_off_by_default_with_an_auth_config(authed: Authed) -> None:
+    """A shm key names any object in the host's /dev/shm: with tenants, registering
+    one is refused unless the operator turned it on (--system-shared-memory on)."""
+    import tritonclient.utils.shared_memory as shm
+
+    handle = shm.create_shared_memory_region("off", f"/mp-off-{os.getpid()}", 64)
+    try:
+        headers = {"Authorization": f"Bearer {authed.keys['acme']}"}
+        client = thttp.InferenceServerClient(authed.served.http_url)
+        with pytest.raises(InferenceServerException, match="system shared memory is off"):
+            client.register_system_shared_memory(
+                "off", f"/mp-off-{os.getpid()}", 64, headers=headers
+            )
+        client.close()
+        g = tgrpc.InferenceServerClient(authed.served.grpc_url)
+        with pytest.raises(InferenceServerException) as e:
+            g.register_system_shared_memory(
+                "off",
+                f"/mp-off-{os.getpid()}",
+                64,
+                headers={"authorization": headers["Authorization"]},
+            )
+        assert "FAILED_PRECONDITION" in str(e.value.status())
+        g.close()
+    finally:
+        shm.destroy_shared_memory_region(handle)
+
+
 def test_audit_log(authed: Authed) -> None:
     a = authed
     assert call(a, "rest", "acme", "load", SHARED).status == 403

@@ -68,7 +68,10 @@ def test_lru_eviction_order_under_a_small_budget(tmp_path: Path, serve) -> None:
     # size plus headroom), so 32 MB holds two of them and the third evicts one.
     for name in ("a", "b", "c", "d"):
         write_sized(tmp_path, name, 10 * MB)
-    server = serve(tmp_path, "--device-memory-budget", "32MB")
+    # LRU's order, with no minimum residency: what this test is about.
+    server = serve(
+        tmp_path, "--device-memory-budget", "32MB", "--policy", "lru", "--min-residency", "0"
+    )
     url = server.http_url
     _infer_http(url, "a")
     _infer_http(url, "b")

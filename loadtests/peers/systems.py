@@ -74,13 +74,18 @@ def free_port() -> int:
 
 
 def start_modelpool(
-    repo: Path, budget_bytes: int, replicas: int, logs: Path, policy: str = "lru"
+    repo: Path,
+    budget_bytes: int,
+    replicas: int,
+    logs: Path,
+    policy: str = "gdsf",
+    extra_args: tuple[str, ...] = (),
 ) -> Started:
     cmd = [
         sys.executable, "-m", "modelpool.gateway.cli", "serve", "--model-repository", str(repo),
         "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
         "--device-memory-budget", str(budget_bytes), "--workers", str(replicas),
-        "--policy", policy,
+        "--policy", policy, "--no-warm-restart", *extra_args,
     ]  # fmt: skip
     proc = ServerProcess(cmd, logs / "modelpool.log")
     try:
@@ -119,10 +124,16 @@ def start_ray(repo: Path, budget_bytes: int, replicas: int, logs: Path) -> Start
 
 
 def start(
-    system: str, repo: Path, budget_bytes: int, replicas: int, logs: Path, policy: str = "lru"
+    system: str,
+    repo: Path,
+    budget_bytes: int,
+    replicas: int,
+    logs: Path,
+    policy: str = "gdsf",
+    modelpool_args: tuple[str, ...] = (),
 ) -> Started:
     if system == "modelpool":
-        return start_modelpool(repo, budget_bytes, replicas, logs, policy)
+        return start_modelpool(repo, budget_bytes, replicas, logs, policy, modelpool_args)
     if system == "ray":
         return start_ray(repo, budget_bytes, replicas, logs)
     raise ValueError(f"unknown system {system!r} (known: {', '.join(SYSTEMS)})")
