@@ -62,7 +62,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     cfg = write_sized(repo, "batched", MIB) / "config.pbtxt"
     cfg.write_text(cfg.read_text() + "dynamic_batching { max_queue_delay_microseconds: 20000 }\n")
     log = tmp_path_factory.mktemp("pa-log") / "serve.log"
-    s = start_serve(repo, log, "--device-memory-budget", f"{2 * MIB}")
+    # Short admission and residency windows: four models fighting for room at full
+    # speed would otherwise spend most of each window waiting for their slot, and the
+    # check here is the statistics protocol, not the placement defaults.
+    s = start_serve(
+        repo, log, "--device-memory-budget", f"{2 * MIB}",
+        "--admission-window", "0.05", "--min-residency", "0.05",
+    )  # fmt: skip
     yield s
     s.stop()
 
