@@ -551,14 +551,14 @@ class CopyManager:
                             plan = pol.Wait(plan.evict[0])
                         else:
                             victims = claimed
-                    elif (
-                        isinstance(plan, pol.Reject)
-                        and plan.retryable
-                        and admission.expired()
-                        and _could_fit(view, model)
-                    ):
-                        # Room would come if copies went idle: first claim on it.
-                        self._blocked.setdefault(key, started)
+                    elif isinstance(plan, pol.Reject) and plan.retryable and admission.expired():
+                        if _could_fit(view, model):
+                            # Room would come if copies went idle: first claim on it.
+                            self._blocked.setdefault(key, started)
+                        else:
+                            # Another process holds the memory: nothing to claim, and
+                            # holding everyone else back would not bring it.
+                            self._blocked.pop(key, None)
                     if (
                         isinstance(plan, pol.Reject | pol.Wait)
                         and key in self._blocked
