@@ -1106,9 +1106,7 @@ def _could_fit(view: ClusterView, model: str) -> bool:
     info = view.models.get(model)
     if info is None:
         return False
-    for d in view.devices:
-        if not any(w.device_id == d.device_id and w.accepting for w in view.workers):
-            continue
+    for d in view.live_devices():
         movable = sum(
             c.footprint_bytes
             for c in view.copies_on(d.device_id)

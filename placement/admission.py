@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from modelpool.placement.cluster import ClusterView, ModelInfo
+from modelpool.placement.decay import Decayed
 from modelpool.placement.gdsf import reload_cost
 from modelpool.placement.policy import Load
 
@@ -34,12 +35,6 @@ DEFAULT_HALF_LIFE_S = 10.0
 DEFAULT_MISS_PENALTY_S = 0.05
 
 
-@dataclass
-class _Count:
-    value: float
-    at: float
-
-
 class Demand:
     """Decayed request counts per model: ``rate(m, now)`` is roughly requests in the
     last ``half_life_s / ln 2`` seconds. Times are the caller's clock, in seconds."""
@@ -48,18 +43,14 @@ class Demand:
         if not half_life_s > 0:
             raise ValueError(f"half_life_s must be positive, got {half_life_s}")
         self.half_life_s = half_life_s
-        self._counts: dict[str, _Count] = {}
+        self._counts: dict[str, Decayed] = {}
 
     def observe(self, model: str, now: float) -> None:
-        self._counts[model] = _Count(self.count(model, now) + 1.0, now)
+        self._counts[model] = Decayed(self.count(model, now) + 1.0, now)
 
     def count(self, model: str, now: float) -> float:
         entry = self._counts.get(model)
-        if entry is None:
-            return 0.0
-        if now <= entry.at:
-            return entry.value
-        return entry.value * 0.5 ** ((now - entry.at) / self.half_life_s)
+        return entry.at_time(now, self.half_life_s) if entry is not None else 0.0
 
     def snapshot(self, now: float) -> dict[str, float]:
         return {m: self.count(m, now) for m in self._counts}

@@ -100,6 +100,11 @@ class ClusterView:
                 return w.device_id
         return None
 
+    def live_devices(self) -> list[DeviceView]:
+        """Devices with a worker that takes loads (draining workers do not)."""
+        live = {w.device_id for w in self.workers if w.accepting}
+        return [d for d in self.devices if d.device_id in live]
+
     def copies_on(self, device_id: str) -> list[CopyView]:
         workers = {w.worker_id for w in self.workers if w.device_id == device_id}
         return [c for c in self.copies if c.worker_id in workers]

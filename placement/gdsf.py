@@ -92,9 +92,7 @@ def plan_by_value(view: ClusterView, req: PlacementRequest, value: ValueFn) -> P
     if not isinstance(plan, Load) or not plan.evict:
         return plan
     best: tuple[tuple[float, float, int], DeviceView, tuple[CopyView, ...]] | None = None
-    for d in view.devices:
-        if not any(w.device_id == d.device_id and w.accepting for w in view.workers):
-            continue
+    for d in view.live_devices():
         victims = value_victims(d, plan.reserve_bytes, view, req, value)
         if victims is None:
             continue

@@ -18,13 +18,13 @@ caller's clock, sizes bytes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
 from modelpool.placement.cluster import ClusterView, CopyView, ModelInfo
+from modelpool.placement.decay import Decayed
 from modelpool.placement.gdsf import gdsf_value, plan_gdsf
 from modelpool.placement.policy import Load, PlacementRequest, Plan, plan_lru
 
@@ -101,19 +101,6 @@ class LruPolicy:
 
 
 @dataclass
-class _Decayed:
-    """A quantity that halves every ``half_life_s`` seconds unless renewed."""
-
-    value: float = 0.0
-    at: float = 0.0
-
-    def at_time(self, now: float, half_life_s: float) -> float:
-        if math.isinf(half_life_s) or now <= self.at:
-            return self.value
-        return self.value * 0.5 ** ((now - self.at) / half_life_s)
-
-
-@dataclass
 class GdsfPolicy:
     """Greedy-Dual-Size-Frequency with exponentially decayed frequencies.
 
@@ -135,10 +122,10 @@ class GdsfPolicy:
     aging: bool = False
     miss_penalty_s: float = 3.0
     name: str = field(default=PolicyName.GDSF, init=False)
-    _clock: _Decayed = field(default_factory=_Decayed, init=False)
-    _counts: dict[str, _Decayed] = field(default_factory=dict, init=False)
+    _clock: Decayed = field(default_factory=Decayed, init=False)
+    _counts: dict[str, Decayed] = field(default_factory=dict, init=False)
     #: The clock at each model's last request or load: its value's floor.
-    _base: dict[str, _Decayed] = field(default_factory=dict, init=False)
+    _base: dict[str, Decayed] = field(default_factory=dict, init=False)
     #: The last ModelInfo seen per model, to price a victim when it is evicted.
     _infos: dict[str, ModelInfo] = field(default_factory=dict, init=False)
 
@@ -187,19 +174,19 @@ class GdsfPolicy:
     def observe(self, event: Event) -> None:
         match event:
             case Requested(model, _, now):
-                self._counts[model] = _Decayed(self.frequency(model, now) + 1.0, now)
-                self._base[model] = _Decayed(self.clock(now), now)
+                self._counts[model] = Decayed(self.frequency(model, now) + 1.0, now)
+                self._base[model] = Decayed(self.clock(now), now)
             case Loaded(copy, now):
                 # Victims evicted for this load raised the clock since its request; a
                 # newcomer starts level with them, as in Cao and Irani's GreedyDual.
-                self._base[copy.model] = _Decayed(self.clock(now), now)
+                self._base[copy.model] = Decayed(self.clock(now), now)
             case Evicted(copy, now, chosen):
                 info = self._infos.get(copy.model)
                 if chosen and self.aging and info is not None:
                     victim = gdsf_value(copy, self._priced(info, now), self.miss_penalty_s)
                     # The clock never runs back, or newcomers would start below copies
                     # they already beat.
-                    self._clock = _Decayed(max(self.clock(now), victim), now)
+                    self._clock = Decayed(max(self.clock(now), victim), now)
 
     def _priced(self, info: ModelInfo, now: float) -> ModelInfo:
         return replace(
@@ -208,7 +195,7 @@ class GdsfPolicy:
             priority_base=self._decayed(self._base, info.name, now),
         )
 
-    def _decayed(self, table: dict[str, _Decayed], model: str, now: float) -> float:
+    def _decayed(self, table: dict[str, Decayed], model: str, now: float) -> float:
         entry = table.get(model)
         return entry.at_time(now, self.half_life_s) if entry is not None else 0.0
 

@@ -141,11 +141,7 @@ def plan_lru(view: ClusterView, req: PlacementRequest) -> Plan:
     if info is None:
         return Reject(f"model '{req.model}' is not known to placement", retryable=False)
     need = info.need_bytes
-    live_devices = [
-        d
-        for d in view.devices
-        if any(w.device_id == d.device_id and w.accepting for w in view.workers)
-    ]
+    live_devices = view.live_devices()
     if not live_devices:
         return Reject("no worker is running", retryable=True)
     capacity = max(d.total_bytes - d.used_other_bytes for d in live_devices)

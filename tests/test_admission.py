@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from modelpool.gateway.copies import CopyManager
 from modelpool.placement.admission import Demand, judge
 from modelpool.placement.cluster import (
     ClusterView,
@@ -75,10 +76,9 @@ def test_demand_halves_every_half_life() -> None:
         Demand(half_life_s=0)
 
 
-async def _use(manager: object, model: str, times: int) -> None:
+async def _use(manager: CopyManager, model: str, times: int) -> None:
     for _ in range(times):
-        lease = await manager.acquire(model, 1, soon())  # type: ignore[attr-defined]
-        manager.release(lease)  # type: ignore[attr-defined]
+        manager.release(await manager.acquire(model, 1, soon()))
 
 
 async def test_a_deferred_load_serves_every_waiter_with_one_load_at_the_window_end(
