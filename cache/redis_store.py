@@ -319,6 +319,9 @@ class RedisStore(ResidencyStore):
         results = await self._io("gateway heartbeat", pipe.execute())
         return max(1, int(results[-1]))
 
+    async def gateway_leave(self, gateway_id: str) -> None:
+        await self._io("gateway leave", self.redis.zrem(self.keys.gateways, gateway_id))
+
     async def register_worker(self, worker: WorkerRecord) -> None:
         await self.heartbeat(worker)
 

@@ -77,6 +77,11 @@ class ResidencyStore(ABC):
         gateways are alive (this one included). One gateway per process here."""
         return 1
 
+    async def gateway_leave(self, gateway_id: str) -> None:
+        """Say this gateway is gone (a drained shutdown): the others take its share of
+        tenant limits at once instead of after its heartbeat lapses."""
+        return None
+
     @abstractmethod
     async def register_worker(self, worker: WorkerRecord) -> None: ...
 

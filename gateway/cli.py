@@ -32,8 +32,54 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _add_repository_args(p: argparse.ArgumentParser) -> None:
+    """The artifact cache and S3 flags, shared by serve, gateway and worker."""
+    p.add_argument(
+        "--repository-cache",
+        default=None,
+        metavar="DIR",
+        help="where artifacts of a remote (s3://) repository are cached on this host "
+        "(default: $XDG_CACHE_HOME/modelpool/repository)",
+    )
+    p.add_argument(
+        "--repository-cache-size",
+        type=_size,
+        default=20 << 30,
+        metavar="SIZE",
+        help="the cache's size; least recently used artifacts go first (default 20GiB)",
+    )
+    p.add_argument(
+        "--s3-endpoint-url",
+        default=None,
+        metavar="URL",
+        help="S3-compatible endpoint, e.g. MinIO's (default: AWS_ENDPOINT_URL, else AWS)",
+    )
+    p.add_argument(
+        "--s3-region",
+        default=None,
+        metavar="REGION",
+        help="default: AWS_REGION / AWS_DEFAULT_REGION",
+    )
+
+
+def _repository_settings(args: argparse.Namespace):
+    from modelpool.gpu.sources import RepositorySettings
+
+    return RepositorySettings(
+        cache_dir=args.repository_cache,
+        cache_bytes=args.repository_cache_size,
+        s3_endpoint_url=args.s3_endpoint_url,
+        s3_region=args.s3_region,
+    )
+
+
 def _add_gateway_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-repository", required=True, help="Triton-layout model repository")
+    p.add_argument(
+        "--model-repository",
+        required=True,
+        help="Triton-layout model repository: a directory, or s3://bucket/prefix (docs/lifecycle.md)",
+    )
+    _add_repository_args(p)
     p.add_argument(
         "--host",
         default="127.0.0.1",
@@ -45,6 +91,13 @@ def _add_gateway_args(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="tenants, their key hashes and the models they see (YAML; see docs/security.md); "
         "reloaded on SIGHUP and when the file changes. Without it the server is open",
+    )
+    p.add_argument(
+        "--routing",
+        default=None,
+        metavar="FILE",
+        help="aliases and canary splits: public model names -> weighted targets (YAML; see "
+        "docs/lifecycle.md); reloaded on SIGHUP and when the file changes",
     )
     p.add_argument(
         "--auth-reload-interval",
@@ -66,6 +119,7 @@ def _add_gateway_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow a --host other than loopback without --auth-config (an open server)",
     )
+    _add_drain_arg(p)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
@@ -255,6 +309,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="start cold: neither preload the models resident before the last stop nor "
         "save them for the next start",
     )
+    serve.add_argument(
+        "--node",
+        default=None,
+        help="this machine's name in worker and device ids (default: hostname); give each "
+        "serve sharing a Redis its own",
+    )
+    serve.add_argument(
+        "--worker-host",
+        default=None,
+        metavar="HOST",
+        help="address local workers listen on for gateways on other hosts (default: --host "
+        "with --redis-url, else 127.0.0.1); the local gateway dials their Unix sockets",
+    )
+    serve.add_argument(
+        "--advertise-host",
+        default=None,
+        metavar="HOST",
+        help="host other machines dial to reach the local workers, registered in Redis "
+        "(default: --worker-host, or this host's name when that is 0.0.0.0)",
+    )
     _add_redis_args(serve, required=False)
 
     gateway = sub.add_parser("gateway", help="a gateway replica over workers registered in Redis")
@@ -263,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="one worker process hosting many models on a device")
     worker.add_argument("--model-repository", required=True)
+    _add_repository_args(worker)
     worker.add_argument("--device", default="cpu", help="cpu or cuda:N")
     worker.add_argument("--host", default="127.0.0.1")
     worker.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
@@ -277,6 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     worker.add_argument("--log-level", default="INFO")
     worker.add_argument("--node", default=None, help="node name in device ids (default: hostname)")
+    worker.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics, /v2/health/live and /v2/health/ready over HTTP on PORT (0: any "
+        "free port; default: none)",
+    )
+    _add_drain_arg(worker)
     _add_redis_args(worker, required=False)
 
     status = sub.add_parser("status", help="workers, devices and resident models of a gateway")
@@ -297,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
         "new", help="print a fresh random key and the hash line for the auth config"
     )
     keys_new.add_argument("--tenant", required=True, help="the tenant the key is for")
+
+    from modelpool.gateway import route_cli
+
+    route_cli.add_parser(sub)
 
     examples = sub.add_parser("examples", help="write the example model repository")
     examples.add_argument("--out", required=True)
@@ -320,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
             return run(args.url, args.watch, args.json, key=args.key)
         except KeyboardInterrupt:
             return 0
+    if args.command == "route":
+        from modelpool.gateway import route_cli
+
+        return route_cli.run(args)
     if args.command == "keys":
         return _keys_new(args.tenant)
     _setup_logging(args.log_level)
@@ -358,8 +450,20 @@ def _keys_new(tenant: str) -> int:
     return 0
 
 
+def _add_drain_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM: not ready at once, new requests refused (503), accepted ones "
+        "given this long to finish before the process leaves the registry and exits "
+        "(default 30)",
+    )
+
+
 def _install_signals(stop: asyncio.Event, reload: Callable[[], None]) -> None:
-    """SIGINT/SIGTERM stop; SIGHUP re-reads the auth config."""
+    """SIGINT/SIGTERM stop; SIGHUP re-reads the auth config (and the routing file)."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -374,6 +478,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         budget = 2 << 30
     config = WorkerConfig(
         model_repository=args.model_repository,
+        repository_settings=_repository_settings(args),
         device=args.device,
         host=args.host,
         port=args.port,
@@ -383,6 +488,8 @@ def _run_worker(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_size,
         advertise=args.advertise,
         unix_socket=args.unix_socket,
+        drain_timeout_s=args.drain_timeout,
+        metrics_port=args.metrics_port,
     )
     companion = None
     if args.redis_url:
@@ -416,6 +523,16 @@ def _announce_to(url: str, namespace: str, node: str):
 
         try:
             await Announcer(store, record, held).run()
+        except asyncio.CancelledError:
+            # Drain: the copies leave the registry before the worker stops serving
+            # them, so gateways route elsewhere at once rather than after a timeout.
+            try:
+                async with asyncio.timeout(5.0):
+                    await store.remove_worker(worker.worker_id)
+                log.info("worker %s left the registry", worker.worker_id)
+            except Exception as e:  # Redis down: its heartbeat lapses instead
+                log.warning("worker %s could not leave the registry: %s", worker.worker_id, e)
+            raise
         finally:
             await store.close()
 
@@ -435,8 +552,9 @@ async def _serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
     devices = detect_devices() if args.devices == "auto" else args.devices.split(",")
-    node = _node_name()
+    node = args.node or _node_name()
     slots = local_slots(node, devices, args.workers)
+    worker_host = args.worker_host or (args.host if args.redis_url else "127.0.0.1")
     budget = args.device_memory_budget
     if budget is None and "cpu" in devices:
         budget = 2 << 30
@@ -446,12 +564,15 @@ async def _serve(args: argparse.Namespace) -> int:
     )
     supervisor = LocalWorkers(
         SupervisorConfig(
-            model_repository=gateway.repository.root.as_posix(),
+            model_repository=gateway.repository.location,
+            repository_args=tuple(config.repository_settings.worker_args()),
             node=node,
             device_memory_budget=budget,
             threads=args.threads,
             redis_url=args.redis_url,
             redis_namespace=args.redis_namespace,
+            worker_host=worker_host,
+            advertise_host=args.advertise_host,
             log_level=args.log_level,
             max_message_bytes=max(config.max_request_bytes, 1 << 30),
         ),
@@ -479,7 +600,7 @@ async def _serve(args: argparse.Namespace) -> int:
         log.info(
             "serving %d models from %s on %s with %d worker(s) on %s",
             len(gateway.repository.names()),
-            gateway.repository.root,
+            gateway.repository.location,
             config.host,
             len(slots),
             ",".join(devices),
@@ -487,6 +608,7 @@ async def _serve(args: argparse.Namespace) -> int:
         print(ready_line(ports), flush=True)
         await stop.wait()
         log.info("shutting down")
+        await gateway.drain()
     finally:
         if warm is not None:
             await warm.stop()  # while the copies are still resident
@@ -513,12 +635,14 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
 
     return GatewayConfig(
         model_repository=args.model_repository,
+        repository_settings=_repository_settings(args),
         host=args.host,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
         max_request_bytes=args.max_request_size,
         infer_timeout_s=args.infer_timeout,
+        drain_timeout_s=args.drain_timeout,
         load_timeout_s=args.load_timeout,
         acquire_timeout_s=args.acquire_timeout,
         retained_limit_bytes=args.recycle_retained_size,
@@ -532,6 +656,7 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig:
         poll_interval_s=args.housekeeping_interval,
         policy=args.policy,
         auth_config=args.auth_config,
+        routing=args.routing,
         auth_reload_interval_s=args.auth_reload_interval,
         audit_log=args.audit_log,
         insecure=args.insecure,
@@ -583,6 +708,7 @@ async def _gateway(args: argparse.Namespace) -> int:
         print(ready_line(ports), flush=True)
         await stop.wait()
         log.info("shutting down")
+        await gateway.drain()
     finally:
         await gateway.stop()
     return 0

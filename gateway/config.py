@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from modelpool.gpu.sources import RepositorySettings
 from modelpool.placement.pressure import Watermarks
 from modelpool.placement.replication import ReplicationConfig
 from modelpool.placement.units import parse_size
@@ -28,6 +29,8 @@ class GatewayConfig:
     """Timeouts are seconds; sizes are bytes."""
 
     model_repository: str
+    #: The artifact cache and S3 settings of the repository (``gpu/sources.py``).
+    repository_settings: RepositorySettings = field(default_factory=RepositorySettings)
     #: Loopback unless auth is on: see ``auth_config`` and ``insecure``.
     host: str = "127.0.0.1"
     http_port: int = 8000
@@ -36,6 +39,8 @@ class GatewayConfig:
     #: REST bodies over this get 413; gRPC messages over it get RESOURCE_EXHAUSTED.
     max_request_bytes: int = 64 << 20
     infer_timeout_s: float = 60.0
+    #: SIGTERM: how long accepted requests may run before the gateway stops anyway.
+    drain_timeout_s: float = 30.0
     load_timeout_s: float = 300.0
     #: How long a request may wait for a copy (a load by someone else, or capacity).
     acquire_timeout_s: float = 15.0
@@ -71,6 +76,9 @@ class GatewayConfig:
     auth_config: str | None = None
     #: How often the auth config's mtime is checked for a reload; 0: only on SIGHUP.
     auth_reload_interval_s: float = 1.0
+    #: Aliases and canary splits (YAML, ``gateway/routing.py``); None: routes only from
+    #: the admin endpoints. Checked for changes every ``auth_reload_interval_s`` too.
+    routing: str | None = None
     #: JSON-lines audit log of admin actions and refused credentials; None: none.
     audit_log: str | None = None
     #: Serve without auth on an address other hosts can reach.

@@ -108,9 +108,11 @@ class WorkerRPC(Protocol):
 
     async def status(self, timeout_s: float) -> protocol.WorkerStatus: ...
 
-    async def infer(self, request: Any, timeout_s: float) -> Any: ...
+    async def infer(self, request: Any, timeout_s: float, metadata: Any = None) -> Any: ...
 
-    async def infer_raw(self, model: str, request: bytes, timeout_s: float) -> bytes: ...
+    async def infer_raw(
+        self, model: str, request: bytes, timeout_s: float, metadata: Any = None
+    ) -> bytes: ...
 
 
 class WorkerPool(Protocol):
@@ -171,11 +173,11 @@ class _Yield:
 
 @dataclass(frozen=True)
 class LoadFailure:
-    """Why a model version's last load failed, and the artifact's mtime then: an
+    """Why a model version's last load failed, and its artifact's stamp then: an
     unchanged broken file fails fast, a replaced one is tried again."""
 
     reason: str
-    artifact_mtime: float
+    artifact_stamp: str
 
 
 @dataclass(frozen=True)
@@ -421,17 +423,24 @@ class CopyManager:
         failure = self.failures.get((model, version))
         if failure is None:
             return
-        if self._artifact_mtime(model, version) != failure.artifact_mtime:
+        if self._artifact_stamp(model, version) != failure.artifact_stamp:
             del self.failures[(model, version)]  # replaced: worth another try
             return
         raise ModelLoadError(failure.reason)
 
-    def _artifact_mtime(self, model: str, version: int) -> float:
+    def _artifact_stamp(self, model: str, version: int) -> str:
+        """What changes when a version's artifact or its declared checksum does: the
+        repository's stamp (the ETag on S3) and, for a file on disk, its mtime now."""
         try:
-            path = self.repository.get(model).artifacts.get(version)
-            return path.stat().st_mtime if path is not None else 0.0
-        except (ModelpoolError, OSError):
-            return 0.0
+            spec = self.repository.get(model)
+        except ModelpoolError:
+            return ""
+        parts = [spec.stamps.get(version, ""), repr(spec.checksums.get(version, ()))]
+        path = spec.artifacts.get(version)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                parts.append(str(path.stat().st_mtime_ns))
+        return "|".join(parts)
 
     async def copy_lost(self, lease: Lease, worker_gone: bool) -> None:
         """A forward found the copy gone. Stop routing to it at once; if the worker
@@ -589,6 +598,7 @@ class CopyManager:
                         # again if memory moves (free room needs no admission).
                         await self._wait_change(min(deadline.capped(1.0), until.remaining()))
                     case pol.Reject(reason=reason, retryable=False):
+                        self.metrics.out_of_memory.labels(model, "placement").inc()
                         raise DoesNotFit(reason)
                     case pol.Reject(reason=reason) if not self.view.workers and not self._draining:
                         # No worker, and none coming back from a recycle: say so now.
@@ -787,14 +797,16 @@ class CopyManager:
             )
         except BaseException as e:
             self.metrics.loads.labels(model, "failure").inc()
+            if isinstance(e, OutOfMemory):
+                self.metrics.out_of_memory.labels(model, "load").inc()
             if not isinstance(e, ModelLoadError | WorkerUnavailable | OutOfMemory):
                 # The worker may hold (or still finish) the copy: take it back.
                 self._spawn(self._unload_orphan(client, model, version))
             with contextlib.suppress(ModelpoolError):
                 await self.store.remove_copy(reservation.key)
             if isinstance(e, ModelLoadError):
-                mtime = self._artifact_mtime(model, version)
-                self.failures[(model, version)] = LoadFailure(e.message, mtime)
+                stamp = self._artifact_stamp(model, version)
+                self.failures[(model, version)] = LoadFailure(e.message, stamp)
             if isinstance(e, WorkerUnavailable):
                 await self._check_worker(worker, client)
             log.warning("load failed model=%s worker=%s: %s", model, worker_id, e)

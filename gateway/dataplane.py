@@ -24,24 +24,37 @@ from modelpool.cache.view import ResidencyView
 from modelpool.gateway.audit import AuditEvent, AuditLog
 from modelpool.gateway.copies import CopyManager
 from modelpool.gateway.deadlines import Deadline
+from modelpool.gateway.drain import Drain
 from modelpool.gateway.errors import outcome_of
 from modelpool.gateway.fairness import FairGates
 from modelpool.gateway.limits import TenantLimiter
 from modelpool.gateway.metrics import NO_TENANT, UNKNOWN_MODEL, Metrics
 from modelpool.gateway.model_control import ModelControl, ModelControlConfig
+from modelpool.gateway.routing import (
+    PIN_PARAMETER,
+    SESSION_PARAMETER,
+    Route,
+    RouteHints,
+    Router,
+    hint_text,
+)
 from modelpool.gateway.settings import LogControl, LogSettings, LogValue, TraceSettings, TraceValues
 from modelpool.gateway.shm import RegionStatus, SharedMemoryRegistry
 from modelpool.gateway.stats import Statistics
 from modelpool.gateway.tenants import Authenticator, Tenant
 from modelpool.gateway.validate import contents_to_raw, validate_request
 from modelpool.gpu import execution as worker_execution
+from modelpool.gpu import tracing as tr
 from modelpool.gpu.repository import (
     ModelRepository,
     ModelSpec,
     check_model_name,
+    clip,
     model_not_found,
 )
 from modelpool.placement.errors import (
+    InvalidInput,
+    ModelNotFound,
     ModelNotReady,
     ModelpoolError,
     PermissionDenied,
@@ -71,6 +84,8 @@ _ADMIN_CALLS = {
     "statistics": "statistics of every model",
     "log_settings": "log settings",
     "trace_settings": "trace settings",
+    "routes": "reading routes",
+    "route_set": "changing routes",
 }
 
 
@@ -103,6 +118,17 @@ class InferOutcome:
         assert self.response is not None
         return self.response.SerializeToString()
 
+    def named(self, model_name: str) -> InferOutcome:
+        """The reply under the name the client used (a route's public name). Raw: a
+        parser keeps the last value of a singular field, so appending ``model_name``
+        renames it without re-encoding the tensors."""
+        if self.raw is not None:
+            renamed = pb.ModelInferResponse(model_name=model_name).SerializeToString()
+            return dataclasses.replace(self, raw=self.raw + renamed)
+        response = self.parsed()
+        response.model_name = model_name
+        return self
+
 
 def _shm_owner(tenant: Tenant | None) -> str:
     """Whose shared memory regions a caller uses: its tenant's (none with auth off)."""
@@ -118,7 +144,7 @@ class DataPlane:
     are decided here and nowhere else. A model a tenant may not see is answered exactly
     as one that does not exist (404 / NOT_FOUND, the same message); an admin call by a
     tenant is 403 / PERMISSION_DENIED. Admin calls: repository load and unload, the
-    status view, statistics of every model, log and trace settings. The repository
+    status view, statistics of every model, log and trace settings, routes. The repository
     index is open to tenants
     and lists only the models they see.
     """
@@ -139,6 +165,7 @@ class DataPlane:
         gates: FairGates | None = None,
         control: ModelControl | None = None,
         shm: SharedMemoryRegistry | None = None,
+        router: Router | None = None,
     ) -> None:
         self.repository = repository
         self.view = view
@@ -150,6 +177,8 @@ class DataPlane:
         #: any of them has none.
         self.expected_devices = expected_devices
         self.ready = True
+        #: SIGTERM: not ready, new requests refused, accepted ones finish (drain.py).
+        self.drain = Drain("gateway")
         self.statistics = Statistics()
         #: Auth off (every caller is None) unless built from an auth config.
         self.authenticator = authenticator if authenticator is not None else Authenticator()
@@ -171,6 +200,10 @@ class DataPlane:
         #: Triton's logging and trace extensions (gateway/settings.py).
         self.log_control = LogControl()
         self.traces = TraceSettings()
+        #: OpenTelemetry (gpu/tracing.py); None: off, and no trace step runs.
+        self.tracing: tr.Tracing | None = None
+        #: Aliases and canary splits (gateway/routing.py): public name -> targets.
+        self.router = router if router is not None else Router()
 
     # -- tenants -----------------------------------------------------------------------
     def authenticate(
@@ -234,7 +267,12 @@ class DataPlane:
         return True
 
     def server_ready(self) -> bool:
-        return self.ready and bool(self.view.workers) and not self.devices_without_workers()
+        return (
+            self.ready
+            and not self.drain.draining
+            and bool(self.view.workers)
+            and not self.devices_without_workers()
+        )
 
     def devices_without_workers(self) -> list[str]:
         """Expected devices with no live worker (one crashed and is restarting)."""
@@ -267,29 +305,43 @@ class DataPlane:
     def model_metadata(
         self, name: str, version: str = "", *, tenant: Tenant | None = None
     ) -> pb.ModelMetadataResponse:
+        """A route answers under its public name: the versions of its targets, the
+        platform and tensors of its first target."""
+        route = self._public(name, version, tenant)
+        if route is not None:
+            specs = [self.spec(t.model, t.version, tenant) for t in route.targets]
+            return _metadata(specs[0][0], name, sorted({v for _, v in specs}))
         spec, v = self.spec(name, version, tenant)
-        resp = pb.ModelMetadataResponse(
-            name=spec.name,
-            versions=[str(x) for x in spec.versions] if not version else [str(v)],
-            platform=spec.platform,
-        )
-        batch = [-1] if spec.max_batch_size > 0 else []
-        for t in spec.inputs:
-            resp.inputs.add(name=t.name, datatype=t.datatype, shape=batch + list(t.dims))
-        for t in spec.outputs:
-            resp.outputs.add(name=t.name, datatype=t.datatype, shape=batch + list(t.dims))
-        return resp
+        return _metadata(spec, spec.name, list(spec.versions) if not version else [v])
 
     def model_config(
         self, name: str, version: str = "", *, tenant: Tenant | None = None
     ) -> mc.ModelConfig:
+        route = self._public(name, version, tenant)
+        if route is not None:  # the first target's, under the public name
+            first = route.targets[0]
+            config = mc.ModelConfig()
+            config.CopyFrom(self.spec(first.model, first.version, tenant)[0].config)
+            config.name = name
+            return config
         spec, _ = self.spec(name, version, tenant)
         return spec.config
 
     def model_ready(self, name: str, version: str = "", *, tenant: Tenant | None = None) -> bool:
         """Ready when it can serve: resident, or loadable on demand (config valid and no
         failed load of an unchanged artifact). False too for a model ``tenant`` may
-        not see; the edge answers 404 for it first (``spec``)."""
+        not see; the edge answers 404 for it first (``spec``). A route is ready when
+        any of its targets is."""
+        try:
+            route = self._public(name, version, tenant)
+        except ModelpoolError:
+            return False
+        if route is None:
+            return self._model_ready(name, version, tenant)
+        # A target may be a model of the route's own name: never resolved as a route.
+        return any(self._model_ready(t.model, t.version, tenant) for t in route.targets)
+
+    def _model_ready(self, name: str, version: str | int | None, tenant: Tenant | None) -> bool:
         try:
             _, v = self.spec(name, version, tenant)
             self.control.check_loadable(name)
@@ -297,6 +349,117 @@ class DataPlane:
         except ModelpoolError:
             return False
         return True
+
+    # -- routes (aliases and canary splits; gateway/routing.py) --------------------------
+    def _public(self, name: str, version: str | int | None, tenant: Tenant | None) -> Route | None:
+        """The route ``name`` is (narrowed to ``version`` when one is given), or None for
+        a name the routing table does not hold. A route wins over a model of its name.
+
+        Raises:
+            ModelNotFound: ``tenant`` may not see the name, or no target has ``version``.
+            InvalidInput: ``version`` is not a number.
+        """
+        route = self.router.get(name)
+        if route is None:
+            return None
+        self._visible(tenant, name)
+        if version in (None, "", 0):
+            return route
+        if isinstance(version, str) and not (
+            version.isascii() and version.isdigit() and len(version) < 19
+        ):
+            raise InvalidInput(
+                f"route '{name}': version '{clip(version)}' is not a version number (digits only)"
+            )
+        return route.with_version(int(version), self._latest)
+
+    def _latest(self, model: str) -> int | None:
+        try:
+            return self.repository.get(model).latest
+        except ModelpoolError:
+            return None
+
+    def check_known(self, name: str, version: str = "", tenant: Tenant | None = None) -> None:
+        """Raise what ``spec`` raises for a name that is neither a route nor a model
+        ``tenant`` may see, or a version it does not have (the edges' early 404)."""
+        if self._public(name, version, tenant) is None:
+            self.spec(name, version, tenant)
+
+    def _route(
+        self,
+        request: pb.ModelInferRequest,
+        raw: bytes | None,
+        hints: RouteHints,
+        tenant: Tenant | None,
+    ) -> tuple[str | None, bytes | None]:
+        """Point a request for a public name at one of its targets, in place, before
+        anything else reads it. Returns the public name (None: not a route) and the
+        bytes to forward (the target's name appended: a parser keeps the last value).
+
+        Raises:
+            InvalidInput: a malformed pin or session, or a pin that is not a target.
+            ModelNotFound: a version no target has; a target ``tenant`` may not see.
+        """
+        route = self._public(request.model_name, request.model_version, tenant)
+        if route is None:
+            return None, raw
+        hints = hints.over(
+            _string_parameter(request, PIN_PARAMETER),
+            _string_parameter(request, SESSION_PARAMETER),
+        )
+        target = route.choose(hints)
+        if tenant is not None and not tenant.sees(target.model):
+            raise model_not_found(request.model_name)  # names no model it may not see
+        spec, version = self.spec(target.model, target.version, tenant)
+        public = request.model_name
+        request.model_name = spec.name
+        request.model_version = str(version)
+        if raw is not None and spec.name != public:
+            raw = raw + pb.ModelInferRequest(model_name=spec.name).SerializeToString()
+        self.metrics.route_requests.labels(route.name, spec.name, str(version)).inc()
+        return public, raw
+
+    def routes(
+        self, name: str = "", *, tenant: Tenant | None = None, source: str = ""
+    ) -> list[dict[str, Any]]:
+        """Every route, or the one named (``GET /v2/routes[/{name}]``; an admin call).
+
+        Raises:
+            PermissionDenied: ``tenant`` is not an admin.
+            ModelNotFound: no route ``name``.
+        """
+        self._require_admin(tenant, "routes", name or None, source)
+        if not name:
+            return [r.as_dict() for r in self.router.table.routes]
+        route = self.router.get(name)
+        if route is None:
+            raise ModelNotFound(f"route '{clip(name)}' does not exist")
+        return [route.as_dict()]
+
+    def set_route(
+        self, name: str, body: object, *, tenant: Tenant | None = None, source: str = ""
+    ) -> dict[str, Any]:
+        """Add or replace a route at run time (``PUT /v2/routes/{name}``, audited); the
+        next request uses it. Lasts until the routing file next changes or SIGHUP.
+
+        Raises:
+            PermissionDenied: ``tenant`` is not an admin.
+            InvalidInput: a malformed route, or a target the repository does not hold.
+        """
+        self._require_admin(tenant, "route_set", name, source)
+        with self._audited(tenant, "route_set", name, source):
+            return self.router.set_route(name, body).as_dict()
+
+    def delete_route(self, name: str, *, tenant: Tenant | None = None, source: str = "") -> None:
+        """Drop a route at run time (``DELETE /v2/routes/{name}``, audited).
+
+        Raises:
+            PermissionDenied: ``tenant`` is not an admin.
+            ModelNotFound: no route ``name``.
+        """
+        self._require_admin(tenant, "route_set", name, source)
+        with self._audited(tenant, "route_set", name, source):
+            self.router.delete_route(name)
 
     # -- inference ---------------------------------------------------------------------
     async def infer(
@@ -307,6 +470,8 @@ class DataPlane:
         raw: bytes | None = None,
         client_timeout_s: float | None = None,
         tenant: Tenant | None = None,
+        route: RouteHints | None = None,
+        trace: tr.Carrier | None = None,
     ) -> InferOutcome:
         """Validate, find or load a copy, forward. Counts the request exactly once.
 
@@ -316,7 +481,12 @@ class DataPlane:
         rewriting, and the reply is then returned raw too. ``client_timeout_s`` is the
         time the client gave the request (gRPC deadline, REST header or parameter),
         None when it set none; see ``gateway/deadlines.py``. ``tenant`` is the caller
-        (None: an open server); a model it may not see is ModelNotFound.
+        (None: an open server); a model it may not see is ModelNotFound. ``route``: the
+        pin and session key the edge read from headers or metadata; a public name of
+        the routing table is resolved to one target here, before anything else looks at
+        the request, and the reply names the public name again. ``trace``: the
+        headers or metadata that may carry the client's ``traceparent``, read only when
+        tracing is on.
         """
         started = time.monotonic()
         label = self.model_label(model) if model is not None else UNKNOWN_MODEL
@@ -324,15 +494,23 @@ class DataPlane:
         self.metrics.inflight.inc()
         admitted = None
         try:
-            # Over its limits, a tenant is refused before it costs the pool anything.
-            admitted = self.limiter.admit(tenant.name) if tenant is not None else None
-            parsed = request() if callable(request) else request
-            if model is None:
-                label = self.model_label(parsed.model_name)
-            deadline = Deadline.from_client(client_timeout_s, self.acquire_timeout_s)
-            forward_s = client_timeout_s if client_timeout_s is not None else self.infer_timeout_s
-            forward = Deadline.after(forward_s, client_set=client_timeout_s is not None)
-            outcome = await self._infer(parsed, label, started, raw, deadline, forward, tenant)
+            # Draining (SIGTERM): refused before anything else, so a balancer's retry
+            # elsewhere is the request's only cost; accepted ones hold the drain open.
+            with self.drain.accepted(), self._trace_request(protocol, trace, tenant):
+                # Over its limits, a tenant is refused before it costs the pool anything.
+                admitted = self.limiter.admit(tenant.name) if tenant is not None else None
+                parsed = request() if callable(request) else request
+                public, raw = self._route(parsed, raw, route or RouteHints(), tenant)
+                if model is None or public is not None:
+                    label = self.model_label(parsed.model_name)
+                deadline = Deadline.from_client(client_timeout_s, self.acquire_timeout_s)
+                forward_s = (
+                    client_timeout_s if client_timeout_s is not None else self.infer_timeout_s
+                )
+                forward = Deadline.after(forward_s, client_set=client_timeout_s is not None)
+                outcome = await self._infer(parsed, label, started, raw, deadline, forward, tenant)
+                if public is not None:
+                    outcome = outcome.named(public)
         except BaseException as e:
             self.metrics.requests.labels(label, protocol, outcome_of(e), who).inc()
             raise
@@ -343,6 +521,25 @@ class DataPlane:
             self.metrics.request_duration.labels(label, who).observe(time.monotonic() - started)
         self.metrics.requests.labels(label, protocol, "success", who).inc()
         return outcome
+
+    # -- tracing (gpu/tracing.py): the shared no-op contexts when off -------------------
+    def _trace_request(
+        self, protocol: str, carrier: tr.Carrier | None, tenant: Tenant | None
+    ) -> contextlib.AbstractContextManager[object]:
+        if self.tracing is None:
+            return _OFF
+        return self.tracing.request(protocol, carrier, tenant.name if tenant else None)
+
+    def _trace_span(self, name: str) -> contextlib.AbstractContextManager[object]:
+        return _OFF if self.tracing is None else self.tracing.span(name)
+
+    def _trace_load_wait(self) -> contextlib.AbstractContextManager[tr.LoadWait | None]:
+        return _OFF if self.tracing is None else self.tracing.load_wait()
+
+    def _trace_forward(
+        self, worker_id: str
+    ) -> contextlib.AbstractContextManager[tuple[tuple[str, str], ...] | None]:
+        return _OFF if self.tracing is None else self.tracing.forward(worker_id)
 
     async def _infer(
         self,
@@ -393,6 +590,8 @@ class DataPlane:
             raw = None  # rewritten: the original bytes no longer say the same
         validate_request(spec, request)
         request.model_version = str(version)
+        if self.tracing is not None:
+            self.tracing.annotate(spec.name, version)
         if raw is not None:
             # A parser keeps the last value it reads of a singular field, so appending
             # the resolved version pins it without re-encoding the tensors.
@@ -400,29 +599,47 @@ class DataPlane:
         cold = False
         # One retry: a copy whose worker died between routing and forwarding is
         # dropped, and the request goes to (or loads) another.
+        queued = self.metrics.model_queue_depth.labels(label)
+        running = self.metrics.model_inflight.labels(label)
         for attempt in (1, 2):
-            got = await self.manager.acquire(spec.name, version, deadline)
-            cold = cold or got.cold
-            if got.cold:
-                self.metrics.cold_starts.labels(label).inc()
-            self.metrics.queue_wait.labels(label).observe(time.monotonic() - started)
-            gate = self.gates.gate(spec.name, version)
+            # Waiting (queue depth, queue_wait, the statistics' queue) is the same span:
+            # arrival until the worker is called, copy, load and fair turn included.
+            queued.inc()
             try:
-                await gate.enter(tenant, deadline)
-            except BaseException:
-                self.manager.release(got)
-                raise
+                with self._trace_load_wait() as waited:
+                    got = await self.manager.acquire(spec.name, version, deadline)
+                    if waited is not None and got.cold:
+                        waited.source = tr.LOAD_FROM_DISK
+                cold = cold or got.cold
+                if got.cold:
+                    self.metrics.cold_starts.labels(label).inc()
+                gate = self.gates.gate(spec.name, version)
+                try:
+                    with self._trace_span(tr.QUEUE):
+                        await gate.enter(tenant, deadline)
+                except BaseException:
+                    self.manager.release(got)
+                    raise
+            finally:
+                queued.dec()
             compute_started = time.monotonic()
+            self.metrics.queue_wait.labels(label).observe(compute_started - started)
+            running.inc()
             try:
                 if forward.expired():
                     raise forward.error(f"model '{spec.name}'")
                 timeout_s = forward.remaining()
-                if raw is not None:
-                    reply = await got.client.infer_raw(spec.name, raw, timeout_s=timeout_s)
-                    outcome = InferOutcome(cold, raw=reply)
-                else:
-                    response = await got.client.infer(request, timeout_s=timeout_s)
-                    outcome = InferOutcome(cold, response=response)
+                with self._trace_forward(got.copy.worker_id) as metadata:
+                    if raw is not None:
+                        reply = await got.client.infer_raw(
+                            spec.name, raw, timeout_s=timeout_s, metadata=metadata
+                        )
+                        outcome = InferOutcome(cold, raw=reply)
+                    else:
+                        response = await got.client.infer(
+                            request, timeout_s=timeout_s, metadata=metadata
+                        )
+                        outcome = InferOutcome(cold, response=response)
             except (WorkerUnavailable, ModelNotReady) as e:
                 # The worker died, or another gateway evicted the copy after we
                 # routed to it: the request has not run, so it may go elsewhere.
@@ -437,6 +654,7 @@ class DataPlane:
                 )
                 continue
             finally:
+                running.dec()
                 gate.leave()
                 self.manager.release(got)
             done = time.monotonic()
@@ -479,7 +697,11 @@ class DataPlane:
         """
         if not name:
             self._require_admin(tenant, "statistics", None, source)
-        if name:
+        route = self._public(name, version, tenant) if name else None
+        if route is not None:  # its targets', under their own names
+            resolved = [self.spec(t.model, t.version, tenant) for t in route.targets]
+            keys = sorted({(s.name, v) for s, v in resolved})
+        elif name:
             spec, v = self.spec(name, version, tenant)
             keys = [(spec.name, v)] if version else [(spec.name, x) for x in spec.versions]
         else:
@@ -705,7 +927,8 @@ class DataPlane:
         tenant: Tenant | None = None,
         source: str = "",
     ) -> TraceValues:
-        """Store trace settings (audited); tracing itself is not implemented.
+        """Store trace settings (audited). Triton's trace API does not drive tracing:
+        OpenTelemetry is set by the OTEL_* environment (docs/observability.md).
 
         Raises:
             PermissionDenied: ``tenant`` is not an admin.
@@ -718,3 +941,29 @@ class DataPlane:
             if model:
                 self.spec(model)
             return self.traces.update(model, changes)
+
+
+#: Tracing off: one stateless context for every trace step, entered for nothing.
+_OFF: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
+def _metadata(spec: ModelSpec, name: str, versions: Sequence[int]) -> pb.ModelMetadataResponse:
+    resp = pb.ModelMetadataResponse(
+        name=name, versions=[str(v) for v in versions], platform=spec.platform
+    )
+    batch = [-1] if spec.max_batch_size > 0 else []
+    for t in spec.inputs:
+        resp.inputs.add(name=t.name, datatype=t.datatype, shape=batch + list(t.dims))
+    for t in spec.outputs:
+        resp.outputs.add(name=t.name, datatype=t.datatype, shape=batch + list(t.dims))
+    return resp
+
+
+def _string_parameter(request: pb.ModelInferRequest, key: str) -> str | None:
+    """A routing hint given as a request parameter (a string_param), or None."""
+    if key not in request.parameters:
+        return None
+    param = request.parameters[key]
+    if param.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidInput(f"model '{request.model_name}': parameter '{key}' must be a string")
+    return hint_text(param.string_param, key)

@@ -21,6 +21,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from modelpool.gateway import streaming
 from modelpool.gateway.dataplane import DataPlane
 from modelpool.gateway.errors import retry_after, status_of
+from modelpool.gateway.routing import RouteHints
 from modelpool.gateway.settings import (
     log_changes_from_grpc,
     log_grpc,
@@ -87,7 +88,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         def check() -> pb.ModelReadyResponse:
             tenant = self._tenant(context, "ready", request.name)
-            self.dp.spec(request.name, request.version, tenant)
+            self.dp.check_known(request.name, request.version, tenant)
             ready = self.dp.model_ready(request.name, request.version, tenant=tenant)
             return pb.ModelReadyResponse(ready=ready)
 
@@ -125,7 +126,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         outcome = await self._guard(
             context,
             self.dp.infer(
-                source, protocol="grpc", raw=data, client_timeout_s=timeout_s, tenant=tenant
+                source,
+                protocol="grpc",
+                raw=data,
+                client_timeout_s=timeout_s,
+                tenant=tenant,
+                route=RouteHints.from_pairs(context.invocation_metadata() or ()),
+                trace=context.invocation_metadata(),
             ),
         )
         return outcome.raw_response()
@@ -140,6 +147,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ModelInfer (limits, validation, its own ``timeout`` parameter, and what is left
         of the stream's deadline)."""
         tenant = await self._guard(context, _call(self._tenant, context, "infer"))
+        hints = RouteHints.from_pairs(context.invocation_metadata() or ())
+        carrier = context.invocation_metadata()  # the stream's traceparent, if any
 
         async def one(data: bytes) -> bytes:
             source, timeout_s = parsed_or_deferred(lambda: _parse_infer(data, context))
@@ -147,7 +156,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             final = streaming.wants_final_flag(request)
             try:
                 outcome = await self.dp.infer(
-                    source, protocol="grpc", raw=data, client_timeout_s=timeout_s, tenant=tenant
+                    source,
+                    protocol="grpc",
+                    raw=data,
+                    client_timeout_s=timeout_s,
+                    tenant=tenant,
+                    route=hints,
+                    trace=carrier,
                 )
             except ModelpoolError as e:
                 return streaming.error_reply(e.message, request, final)

@@ -95,6 +95,7 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.recycles.labels("retained_memory")  # exported at zero: alerts see a first one
         self.worker_restarts = Counter(
             "modelpool_worker_restarts",
             "Local worker processes started again after they exited or failed to start, "
@@ -137,8 +138,62 @@ class Metrics:
             "Requests this gateway is serving now.",
             registry=registry,
         )
+        self.draining = Gauge(
+            "modelpool_draining",
+            "1 while this process drains after SIGTERM: not ready, finishing what it "
+            "accepted within --drain-timeout, then leaving the registry.",
+            registry=registry,
+        )
+        # Autoscaling signals (docs/observability.md#autoscaling): per model, what
+        # waits and what runs; per device, how full its tier is.
+        self.model_queue_depth = Gauge(
+            "modelpool_model_queue_depth",
+            "Requests waiting before compute, by model: for a copy, a load or a turn at "
+            "the model's capacity (the waiting modelpool_queue_wait_seconds times).",
+            ["model"],
+            registry=registry,
+        )
+        self.model_inflight = Gauge(
+            "modelpool_model_inflight_requests",
+            "Requests at a worker now (forwarded, not yet answered), by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.device_copies = Gauge(
+            "modelpool_device_copies",
+            "Model copies on each device by state (loading, ready, unloading).",
+            ["device", "state"],
+            registry=registry,
+        )
+        self.device_occupancy = Gauge(
+            "modelpool_device_occupancy_ratio",
+            "(used + reserved) / total of each device's memory: how full its tier is.",
+            ["device"],
+            registry=registry,
+        )
+        self.store_up = Gauge(
+            "modelpool_store_up",
+            "1 while the residency store answers (always 1 in memory), 0 during a Redis "
+            "outage: warm routes still serve, loads and new workers wait.",
+            registry=registry,
+        )
+        self.out_of_memory = Counter(
+            "modelpool_out_of_memory",
+            "Loads refused or failed for device memory, by model and stage: placement (the "
+            "model is bigger than any device's share) or load (the worker ran out).",
+            ["model", "stage"],
+            registry=registry,
+        )
         self.workers = Gauge(
             "modelpool_workers",
             "Workers registered and alive, as this gateway sees them.",
+            registry=registry,
+        )
+        # Route names and targets come from the routing table only (bounded).
+        self.route_requests = Counter(
+            "modelpool_route_requests",
+            "Requests to a public name of the routing table (--routing, /v2/routes), by "
+            "the target model and version that served them (gateway/routing.py).",
+            ["route", "model", "version"],
             registry=registry,
         )

@@ -96,18 +96,18 @@ class _Fingerprint:
 
     config: bytes
     error: str | None
-    files: tuple[tuple[int, int, int], ...]  # (version, size, mtime_ns)
+    files: tuple[tuple[int, str], ...]  # (version, stamp: size and mtime, or S3's ETag)
+    checksums: tuple[tuple[int, tuple[str, ...]], ...]  # declared digests (sidecars)
 
 
 def _fingerprint(spec: ModelSpec) -> _Fingerprint:
-    files = []
-    for v, path in sorted(spec.artifacts.items()):
-        try:
-            st = path.stat()
-            files.append((v, st.st_size, st.st_mtime_ns))
-        except OSError:
-            files.append((v, -1, -1))
-    return _Fingerprint(spec.config.SerializeToString(deterministic=True), spec.error, tuple(files))
+    # The stamps the scan recorded: an S3 repository's artifacts are not on disk.
+    files = tuple((v, spec.stamps.get(v, "")) for v in sorted(spec.artifacts))
+    sums = tuple(
+        (v, tuple(d.digest for d in spec.checksums.get(v, ()))) for v in sorted(spec.artifacts)
+    )
+    config = spec.config.SerializeToString(deterministic=True)
+    return _Fingerprint(config, spec.error, files, sums)
 
 
 def _same_config(a: ModelSpec, b: ModelSpec) -> bool:
@@ -316,6 +316,8 @@ class ModelControl:
                 await self.poll_once()
             except asyncio.CancelledError:
                 raise
+            except ModelpoolError as e:  # an unreachable S3 repository: models stand
+                log.warning("repository poll failed: %s", e)
             except Exception:
                 log.exception("repository poll failed")
 

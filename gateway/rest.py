@@ -22,6 +22,7 @@ from modelpool.gateway.dataplane import DataPlane
 from modelpool.gateway.errors import retry_after, status_of
 from modelpool.gateway.proto_json import message_to_json
 from modelpool.gateway.rest_codec import HEADER_LENGTH, parse_infer, render_infer, request_timeout
+from modelpool.gateway.routing import RouteHints, copy_route_parameters
 from modelpool.gateway.settings import json_settings, trace_changes_from_json, trace_json
 from modelpool.gateway.shm import CUDA_UNSUPPORTED
 from modelpool.gateway.stats import statistics_json
@@ -126,7 +127,7 @@ async def model_ready(request: web.Request) -> web.Response:
     name, version = _model(request)
     tenant = _tenant(request, "ready", name)
     dp = request.app[DATAPLANE]
-    dp.spec(name, version, tenant)  # unknown (or invisible) model or version: 404, as Triton
+    dp.check_known(name, version, tenant)  # unknown (or invisible) model or version: 404
     # Not ready is 400, as Triton answers; KServe's body rides along either way.
     is_ready = dp.model_ready(name, version, tenant=tenant)
     return web.json_response({"name": name, "ready": is_ready}, status=200 if is_ready else 400)
@@ -157,7 +158,7 @@ async def infer(request: web.Request) -> web.Response:
 
     def parse() -> tuple[pb.ModelInferRequest, float | None]:
         nonlocal doc
-        dp.spec(name, version, tenant)  # 404 for an unknown model before any parsing
+        dp.check_known(name, version, tenant)  # 404 for an unknown model before parsing
         header = request.headers.get(TIMEOUT_HEADER)
         header_s = (
             timeout_seconds(header, f"model '{name}': header {TIMEOUT_HEADER}")
@@ -167,6 +168,7 @@ async def infer(request: web.Request) -> web.Response:
         if isinstance(body, ModelpoolError):
             raise body
         parsed, doc = parse_infer(name, version, body, request.headers.get(HEADER_LENGTH))
+        copy_route_parameters(doc, parsed)
         return parsed, client_timeout(header_s, request_timeout(name, doc))
 
     # Parsed before the data plane is called, as the deadline rides in the body; a
@@ -174,7 +176,13 @@ async def infer(request: web.Request) -> web.Response:
     # it is counted like any other failed request.
     source, timeout_s = parsed_or_deferred(parse)
     outcome = await dp.infer(
-        source, protocol="http", model=name, client_timeout_s=timeout_s, tenant=tenant
+        source,
+        protocol="http",
+        model=name,
+        client_timeout_s=timeout_s,
+        tenant=tenant,
+        route=RouteHints.from_pairs(request.headers.items()),
+        trace=request.headers,
     )
     payload, header_length = render_infer(outcome.parsed(), doc)
     if header_length is None:
@@ -348,6 +356,23 @@ async def cuda_shm(request: web.Request) -> web.Response:
     raise NotAllowed(CUDA_UNSUPPORTED)
 
 
+async def routes(request: web.Request) -> web.Response:
+    """``GET /v2/routes[/{name}]``, ``PUT /v2/routes/{name}`` with ``{"targets": [...]}``,
+    ``DELETE /v2/routes/{name}`` (gateway/routing.py; admin calls)."""
+    name = request.match_info.get("name", "")
+    dp = request.app[DATAPLANE]
+    if request.method == "GET":
+        tenant = _tenant(request, "routes", name or None)
+        found = dp.routes(name, tenant=tenant, source=_source(request))
+        return web.json_response(found[0] if name else found)
+    tenant = _tenant(request, "route_set", name)
+    if request.method == "DELETE":
+        dp.delete_route(name, tenant=tenant, source=_source(request))
+        return web.json_response({})
+    body = await _json_body(request, f"route '{clip(name)}'")
+    return web.json_response(dp.set_route(name, body, tenant=tenant, source=_source(request)))
+
+
 async def status(request: web.Request) -> web.Response:
     tenant = _tenant(request, "status")
     return web.json_response(request.app[DATAPLANE].status(tenant=tenant, source=_source(request)))
@@ -371,6 +396,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v2/repository/models/{model}/load", repository_load)
     app.router.add_post("/v2/repository/models/{model}/unload", repository_unload)
     app.router.add_get("/v2/modelpool/status", status)
+    app.router.add_get("/v2/routes", routes)
+    for method in ("GET", "PUT", "DELETE"):
+        app.router.add_route(method, "/v2/routes/{name}", routes)
     for kind, status_h, register_h, unregister_h in (
         ("system", shm_status, shm_register, shm_unregister),
         ("cuda", cuda_shm, cuda_shm, cuda_shm),

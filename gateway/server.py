@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -28,10 +29,12 @@ from modelpool.gateway.limits import TenantLimiter
 from modelpool.gateway.metrics import Metrics
 from modelpool.gateway.model_control import ModelControl, ModelControlConfig
 from modelpool.gateway.rest import create_rest_app
+from modelpool.gateway.routing import Router, repository_check
 from modelpool.gateway.shm import SharedMemoryRegistry
 from modelpool.gateway.tenancy import Quotas, gateway_id, wire
 from modelpool.gateway.tenants import Authenticator
 from modelpool.gateway.workers import WorkerClients
+from modelpool.gpu import tracing
 from modelpool.gpu.repository import ModelRepository
 from modelpool.placement.policies import make_policy
 
@@ -56,10 +59,16 @@ class Gateway:
     model_control: ModelControlConfig = field(default_factory=ModelControlConfig)
 
     def __post_init__(self) -> None:
-        self.repository = ModelRepository(self.config.model_repository)
+        self.repository = ModelRepository(
+            self.config.model_repository, self.config.repository_settings
+        )
         # A bad auth config fails here, before anything starts (AuthConfigError).
         self.authenticator = Authenticator(self.config.auth_config)
         self.audit = AuditLog(self.config.audit_log)
+        # Likewise a bad routing file (RoutingError), or one naming a missing model.
+        self.router = Router(
+            self.config.routing, repository_check(lambda m: self.repository.get(m).versions)
+        )
         # The manager subscribes the view to the store: it owns what follows from events.
         self.view = ResidencyView()
         self.clients = WorkerClients(max_message_bytes=max(self.config.max_request_bytes, 1 << 30))
@@ -126,6 +135,7 @@ class Gateway:
             limiter=self.limiter,
             gates=self.gates,
             control=self.control,
+            router=self.router,
             shm=SharedMemoryRegistry(
                 enabled=cfg.system_shared_memory == "on"
                 or (cfg.system_shared_memory == "auto" and cfg.auth_config is None)
@@ -136,6 +146,7 @@ class Gateway:
         self._grpc: grpc.aio.Server | None = None
         self._poller: asyncio.Task[None] | None = None
         self._auth_watcher: asyncio.Task[None] | None = None
+        self._route_watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> BoundPorts:
         snap = await self.store.snapshot()
@@ -143,6 +154,8 @@ class Gateway:
         # Measured sizes outlive gateways (Redis): a restarted one plans with them.
         self.manager.measured.load(snap.footprints)
         await self.store.start()
+        # OpenTelemetry: off unless the OTEL_* environment asks (gpu/tracing.py).
+        self.dataplane.tracing = tracing.from_env("gateway", os.environ)
         cfg = self.config
         rest = create_rest_app(self.dataplane, cfg.max_request_bytes)
         self.ports.http = await self._serve_aiohttp(rest, cfg.http_port)
@@ -160,11 +173,18 @@ class Gateway:
             self._auth_watcher = asyncio.create_task(
                 self.authenticator.watch(cfg.auth_reload_interval_s), name="auth-watcher"
             )
+        if self.router.path is not None and cfg.auth_reload_interval_s > 0:
+            self._route_watcher = asyncio.create_task(
+                self.router.watch(cfg.auth_reload_interval_s), name="route-watcher"
+            )
         return self.ports
 
     def reload_auth(self) -> None:
-        """Re-read the auth config now (SIGHUP); a bad file keeps the old config."""
+        """Re-read the auth config and the routing file now (SIGHUP); a bad file keeps
+        the old config or routes."""
         self.authenticator.reload()
+        if self.router.path is not None:
+            self.router.reload()
 
     def _log_auth(self) -> None:
         cfg = self.config
@@ -210,6 +230,8 @@ class Gateway:
         copies = self.manager.copies()
         self.metrics.resident_models.set(sum(1 for c in copies if c.state == CopyState.READY))
         self.metrics.workers.set(len(self.view.workers))
+        connected = getattr(self.store, "connected", None)  # RedisStore's listener
+        self.metrics.store_up.set(1 if connected is None or connected.is_set() else 0)
         for d in self.view.devices.values():
             workers = {
                 w.worker_id for w in self.view.workers.values() if w.device_id == d.device_id
@@ -229,6 +251,13 @@ class Gateway:
                 ("ours", ours),
             ):
                 self.metrics.device_memory.labels(d.device_id, kind).set(value)
+            # Zero from the start, so that a first restart is an increase to alert on.
+            self.metrics.worker_restarts.labels(d.device_id)
+            for state in (CopyState.LOADING, CopyState.READY, CopyState.UNLOADING):
+                n = sum(1 for c in mine if c.state == state)
+                self.metrics.device_copies.labels(d.device_id, state.value.lower()).set(n)
+            occupancy = (used + reserved) / d.total_bytes if d.total_bytes > 0 else 0.0
+            self.metrics.device_occupancy.labels(d.device_id).set(occupancy)
 
     async def _poll_devices(self) -> None:
         # tick() contains each step's errors; this guard keeps the loop alive even
@@ -248,8 +277,29 @@ class Gateway:
     async def poll_once(self) -> None:
         await self.housekeeper.refresh_devices()
 
+    async def drain(self) -> None:
+        """SIGTERM: not ready and new requests refused at once; accepted ones finish
+        (``--drain-timeout``); then this gateway leaves the store's gateway set, so
+        the others take over its share of tenant limits now. ``stop`` follows."""
+        drain = self.dataplane.drain
+        drain.begin()
+        self.metrics.draining.set(1)
+        log.info(
+            "draining: not ready, refusing new requests; %d in flight, up to %.0fs",
+            drain.active,
+            self.config.drain_timeout_s,
+        )
+        if await drain.wait_idle(self.config.drain_timeout_s):
+            log.info("drained: every accepted request answered")
+        if self.housekeeper.gateway_id:
+            try:
+                async with asyncio.timeout(2.0):
+                    await self.store.gateway_leave(self.housekeeper.gateway_id)
+            except Exception as e:  # the store down: the heartbeat lapses instead
+                log.warning("could not leave the gateway set: %s", e)
+
     async def stop(self) -> None:
-        for task in (self._poller, self._auth_watcher):
+        for task in (self._poller, self._auth_watcher, self._route_watcher):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -265,6 +315,8 @@ class Gateway:
         await self.store.close()
         self.dataplane.shm.close()
         self.audit.close()
+        if self.dataplane.tracing is not None:  # flush what is left (blocking: a thread)
+            await asyncio.to_thread(self.dataplane.tracing.shutdown)
 
 
 #: Parses ``ready_line``: what supervisors, tests and benchmarks wait for on stdout.

@@ -8,7 +8,9 @@ together, which perf_analyzer requires):
 
 - ``success``: arrival at the gateway until the worker's reply is back.
 - ``queue``: waiting before compute: for a copy (a load, capacity), the tenant's turn
-  at the model, then inside the worker for a batch or a free inference thread.
+  at the model, then inside the worker for a batch or a free inference thread. Its
+  gateway part (arrival until the worker is called) is exactly what
+  ``modelpool_queue_wait_seconds`` observes and ``modelpool_model_queue_depth`` counts.
 - ``compute_infer``: the model's forward, as the worker timed it.
 - ``compute_output``: encoding the request's outputs in the worker.
 - ``compute_input``: the rest of the worker call: moving the request and the reply

@@ -55,6 +55,12 @@ class SupervisorConfig:
     #: Workers heartbeat into this shared store too, so other gateways see them.
     redis_url: str | None = None
     redis_namespace: str = "modelpool"
+    #: Where workers listen on TCP, and the host other machines dial them at (the
+    #: address registered in the store); this gateway dials their Unix sockets.
+    worker_host: str = "127.0.0.1"
+    advertise_host: str | None = None
+    #: The repository's cache and S3 flags, passed on as they are (``gpu/sources.py``).
+    repository_args: tuple[str, ...] = ()
 
 
 class LocalWorkers:
@@ -102,7 +108,7 @@ class LocalWorkers:
             sys.executable, "-P", "-m", "modelpool.gateway.cli", "worker",
             "--model-repository", self.config.model_repository,
             "--device", slot.device,
-            "--host", "127.0.0.1",
+            "--host", self.config.worker_host,
             "--unix-socket", str(self.socket_dir / f"{slot.worker_id}.sock"),
             "--port", "0",
             "--worker-id", slot.worker_id,
@@ -110,6 +116,9 @@ class LocalWorkers:
             "--log-level", self.config.log_level,
             "--max-message-size", str(self.config.max_message_bytes),
         ]  # fmt: skip
+        cmd += self.config.repository_args
+        if self.config.advertise_host:
+            cmd += ["--advertise", self.config.advertise_host]
         if self.config.device_memory_budget is not None:
             cmd += ["--device-memory-budget", str(self.config.device_memory_budget)]
         if self.config.threads:
@@ -124,7 +133,9 @@ class LocalWorkers:
             cmd += ["--node", self.config.node]
         return cmd
 
-    async def _spawn(self, slot: WorkerSlot) -> tuple[asyncio.subprocess.Process, str]:
+    async def _spawn(self, slot: WorkerSlot) -> tuple[asyncio.subprocess.Process, str, str]:
+        """Start a worker; returns it, the address it advertises to other hosts, and
+        the one this gateway dials (its Unix socket)."""
         env = dict(os.environ)
         if slot.device.startswith("cuda"):
             # Growable segments instead of fixed ones: far less memory stranded by
@@ -149,7 +160,7 @@ class LocalWorkers:
                 text = line.decode(errors="replace").strip()
                 if text.startswith(READY_LINE):
                     fields = dict(kv.split("=", 1) for kv in text.split()[1:])
-                    return proc, fields["address"]
+                    return proc, fields.get("advertise", fields["address"]), fields["address"]
                 log.info("[%s] %s", slot.worker_id, text)
 
     async def _drain(self, slot: WorkerSlot, proc: asyncio.subprocess.Process) -> None:
@@ -188,7 +199,8 @@ class LocalWorkers:
         """Start a worker, register it, and wait for it to exit."""
         ready = self._ready[slot.worker_id]
         ready.clear()
-        proc, address = await self._spawn(slot)
+        proc, address, local = await self._spawn(slot)
+        self.clients.dial_locally(slot.worker_id, address, local)
         await self.store.register_worker(
             WorkerRecord(slot.worker_id, address, slot.device_id, self.config.node, proc.pid or 0)
         )
@@ -249,8 +261,15 @@ class LocalWorkers:
             await proc.wait()
 
     async def stop(self) -> None:
+        """Stop every worker (SIGTERM: each drains; with Redis it leaves the registry
+        itself first), then remove what is left of them from the store, so no gateway
+        waits for a heartbeat to lapse to stop routing here."""
         self._stopping = True
         await asyncio.gather(*(self._kill(wid) for wid in list(self.procs)))
+        for wid in list(self.procs):
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await self.store.remove_worker(wid)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

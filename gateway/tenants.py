@@ -27,7 +27,6 @@ is open and everything is visible.
 
 from __future__ import annotations
 
-import asyncio
 import fnmatch
 import hashlib
 import hmac
@@ -43,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from modelpool.gateway.filewatch import signature, watch
 from modelpool.placement.errors import Unauthenticated
 from modelpool.placement.units import parse_size
 
@@ -328,15 +328,6 @@ def _size(
 # -- the edge's lookup, and reloads -----------------------------------------------------------
 
 
-def _signature(path: str) -> tuple[int, int, int] | None:
-    """What changes when the file does (an atomic rename changes the inode)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino
-
-
 class Authenticator:
     """Resolves ``Authorization`` values to tenants, under the current auth config.
 
@@ -353,7 +344,7 @@ class Authenticator:
         self.listeners: list[Callable[[AuthConfig], None]] = []
         self._seen: tuple[int, int, int] | None = None
         if path is not None:
-            self._seen = _signature(path)
+            self._seen = signature(path)
             self.config = load_auth_config(path)
 
     @property
@@ -387,7 +378,7 @@ class Authenticator:
         if self.path is None:
             log.info("no --auth-config: nothing to reload")
             return False
-        self._seen = _signature(self.path)
+        self._seen = signature(self.path)
         try:
             config = load_auth_config(self.path)
         except AuthConfigError as e:
@@ -410,14 +401,5 @@ class Authenticator:
     async def watch(self, interval_s: float = 1.0) -> None:
         """Reload whenever the file changes (mtime, size or inode), checking every
         ``interval_s`` seconds; runs until cancelled."""
-        if self.path is None:
-            return
-        path = self.path
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                seen = await asyncio.to_thread(_signature, path)
-                if seen is not None and seen != self._seen:
-                    self.reload()
-            except Exception:  # a bug here must not end the watching
-                log.exception("checking the auth config %s failed", path)
+        if self.path is not None:
+            await watch(self.path, lambda: self._seen, self.reload, "auth config", interval_s)

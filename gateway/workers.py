@@ -8,6 +8,7 @@ connection becomes ``WorkerUnavailable``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -89,11 +90,18 @@ class WorkerClient:
             response_deserializer=protocol.decoder(protocol.WorkerStatus),
         )
 
-    async def _call(self, what: str, method: Any, request: Any, timeout_s: float) -> Any:
+    async def _call(
+        self,
+        what: str,
+        method: Any,
+        request: Any,
+        timeout_s: float,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> Any:
         # grpc reads a timeout past ~4e9 s as already expired; a client may ask for more.
         timeout_s = min(timeout_s, MAX_CALL_TIMEOUT_S)
         try:
-            return await method(request, timeout=timeout_s)
+            return await method(request, timeout=timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as e:
             raise translate(e, self.worker_id, what, timeout_s) from None
         except grpc.aio.UsageError:  # the channel was closed: its worker was replaced
@@ -101,13 +109,25 @@ class WorkerClient:
                 f"{what}: worker {self.worker_id}'s channel is closed"
             ) from None
 
-    async def infer(self, request: pb.ModelInferRequest, timeout_s: float) -> pb.ModelInferResponse:
+    async def infer(
+        self,
+        request: pb.ModelInferRequest,
+        timeout_s: float,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> pb.ModelInferResponse:
+        """``metadata``: the trace context (``traceparent``) when tracing is on."""
         return await self._call(
-            f"model '{request.model_name}'", self.stub.ModelInfer, request, timeout_s
+            f"model '{request.model_name}'", self.stub.ModelInfer, request, timeout_s, metadata
         )
 
-    async def infer_raw(self, model: str, request: bytes, timeout_s: float) -> bytes:
-        return await self._call(f"model '{model}'", self._infer_raw, request, timeout_s)
+    async def infer_raw(
+        self,
+        model: str,
+        request: bytes,
+        timeout_s: float,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> bytes:
+        return await self._call(f"model '{model}'", self._infer_raw, request, timeout_s, metadata)
 
     async def load(
         self,
@@ -145,8 +165,17 @@ class WorkerClients:
     def __init__(self, max_message_bytes: int = 1 << 30) -> None:
         self._clients: dict[str, WorkerClient] = {}
         self.max_message_bytes = max_message_bytes
+        #: worker id -> (registered address, address dialed instead): a local worker's
+        #: Unix socket, while the store holds the address other hosts dial.
+        self._local: dict[str, tuple[str, str]] = {}
+
+    def dial_locally(self, worker_id: str, registered: str, local: str) -> None:
+        self._local[worker_id] = (registered, local)
 
     def get(self, worker_id: str, address: str) -> WorkerClient:
+        override = self._local.get(worker_id)
+        if override is not None and override[0] == address:
+            address = override[1]
         client = self._clients.get(worker_id)
         if client is None or client.address != address:
             if client is not None:

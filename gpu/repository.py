@@ -6,6 +6,11 @@
 
 A model whose config or artifacts are bad is still listed, with ``error`` naming the
 file and the problem, so one broken model never stops the server.
+
+The files come from a source (``gpu/sources.py``): a local directory, or with
+``s3://bucket/prefix`` an S3-compatible bucket whose artifacts are fetched on demand
+into a bounded cache. A version's artifact is verified against its declared sha256
+(``gpu/checksums.py``) before it loads, whatever the source.
 https://github.com/triton-inference-server/server/blob/main/docs/user_guide/model_repository.md
 """
 
@@ -14,14 +19,36 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from modelpool.gpu.checksums import (
+    CONFIG_PARAMETER,
+    SIDECAR_SUFFIX,
+    Declared,
+    config_digest,
+    parse_digest,
+)
+from modelpool.gpu.sources import (
+    Artifact,
+    ModelFiles,
+    RepositorySettings,
+    RepositorySource,
+    StoredFile,
+    local_files,
+    open_source,
+)
 from modelpool.gpu.tensors import DATATYPES
-from modelpool.placement.errors import InvalidInput, ModelNotFound, ModelNotReady
+from modelpool.placement.errors import (
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    RepositoryUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +121,12 @@ class ModelSpec:
     declared_bytes: int | None = None
     #: From ``modelpool.min_copies``: copies kept resident whatever the demand.
     min_copies: int = 0
+    #: Per version: what changes when the artifact does (size and mtime locally, the
+    #: ETag on S3), recorded by the scan; the poller compares these.
+    stamps: dict[int, str] = field(default_factory=dict)
+    #: Per version: the sha256 digests declared for its artifact (``modelpool.sha256``
+    #: in the config, a ``<artifact>.sha256`` sidecar), checked before each load.
+    checksums: dict[int, tuple[Declared, ...]] = field(default_factory=dict)
 
     @property
     def latest(self) -> int:
@@ -157,12 +190,19 @@ def check_model_name(name: str) -> None:
 
 
 class ModelRepository:
-    """Reads a repository directory. Specs are cached and re-read on ``refresh``."""
+    """Reads a repository (a directory, or ``s3://bucket/prefix`` with ``settings``).
+    Specs are cached and re-read on ``refresh``.
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).resolve()
-        if not self.root.is_dir():
-            raise ValueError(f"model repository '{self.root}' is not a directory")
+    Raises:
+        ValueError: not a directory, or a bucket that cannot be listed (at start).
+    """
+
+    def __init__(self, root: str | Path, settings: RepositorySettings | None = None) -> None:
+        self.source: RepositorySource = open_source(root, settings)
+        #: A local directory standing for the repository (for S3: its cache folder).
+        self.root = self.source.root
+        #: What the operator named, for messages and for workers' command lines.
+        self.location = self.source.location
         self._specs: dict[str, ModelSpec] = {}
         #: Configs that replace a model's config.pbtxt (Triton's load with a
         #: ``config`` parameter), until a load without one.
@@ -170,33 +210,68 @@ class ModelRepository:
         self.refresh()
 
     def refresh(self, name: str | None = None) -> None:
-        """Re-read one model (None: the whole repository) from disk."""
+        """Re-read one model (None: the whole repository) from its source. While a
+        remote repository is unreachable the models read before keep serving (logged)."""
         if name is None:
-            self._specs = self.scan()
+            try:
+                self._specs = self.scan()
+            except RepositoryUnavailable as e:
+                log.warning("keeping the models read before: %s", e)
             return
         check_model_name(name)
         self.install(name, self.read(name))
 
     def scan(self) -> dict[str, ModelSpec]:
-        """Every model as the disk (and the overrides) describe it now, without
-        installing anything: the poller compares this with what serves."""
+        """Every model as the source (and the overrides) describe it now, without
+        installing anything: the poller compares this with what serves.
+
+        Raises:
+            RepositoryUnavailable: a remote repository cannot be listed (never an empty
+                answer, which would read as every model removed).
+        """
         found = {}
-        for d in sorted(self.root.iterdir()):
+        for name, files in self.source.models().items():
             if (
-                d.is_dir()
-                and _NAME_RE.fullmatch(d.name)
-                and len(d.name) <= MAX_NAME_LENGTH
-                and not d.name.startswith(".")
+                _NAME_RE.fullmatch(name)
+                and len(name) <= MAX_NAME_LENGTH
+                and not name.startswith(".")
             ):
-                found[d.name] = read_model(d, self._overrides.get(d.name))
+                found[name] = model_from_files(files, self._overrides.get(name))
         return found
 
     def read(self, name: str) -> ModelSpec | None:
-        """One model as the disk (and its override) describe it now, not installed;
-        None when its directory is gone."""
+        """One model as the source (and its override) describe it now, not installed;
+        None when its directory is gone. A model read before stands while a remote
+        repository is unreachable.
+
+        Raises:
+            RepositoryUnavailable: unreachable, and the model was never read.
+        """
         check_model_name(name)
-        d = self.root / name
-        return read_model(d, self._overrides.get(name)) if _is_dir(d) else None
+        try:
+            files = self.source.model(name)
+        except RepositoryUnavailable as e:
+            known = self._specs.get(name)
+            if known is None:
+                raise
+            log.warning("model %s: using the config read before: %s", name, e)
+            return known
+        return model_from_files(files, self._overrides.get(name)) if files is not None else None
+
+    def artifact(self, spec: ModelSpec, version: int) -> AbstractContextManager[Path]:
+        """``version``'s artifact as a local file whose declared sha256 matched, kept
+        (not evicted from a cache) until the block ends.
+
+        Raises:
+            ModelLoadError: its checksum does not match (the version never serves).
+            RepositoryUnavailable: it had to be fetched and could not be (503).
+        """
+        path = spec.artifacts[version]
+        relpath = f"{version}/{path.name}"
+        stamp = spec.stamps.get(version, "")
+        stored = StoredFile(spec.artifact_bytes(version), stamp, path)
+        declared = spec.checksums.get(version, ())
+        return self.source.artifact(Artifact(spec.name, version, relpath, stored, declared))
 
     def install(self, name: str, spec: ModelSpec | None) -> None:
         """Serve ``spec`` for ``name`` from now on (None: the model is gone)."""
@@ -264,16 +339,6 @@ def model_not_found(name: str) -> ModelNotFound:
     return ModelNotFound(f"model '{name}' is not in the model repository")
 
 
-def _is_dir(path: Path) -> bool:
-    """``path.is_dir()``, False where the file system refuses to say (a permission
-    denied on the way, say), which ``Path.is_dir`` raises for."""
-    try:
-        return path.is_dir()
-    except OSError as e:
-        log.warning("cannot look at %s: %s", path, e)
-        return False
-
-
 def _tensor(t: mc.ModelInput | mc.ModelOutput, where: str) -> TensorSpec:
     dt = mc.DataType.Name(t.data_type)
     if not dt.startswith("TYPE_") or dt[5:] == "INVALID":
@@ -287,67 +352,66 @@ def _tensor(t: mc.ModelInput | mc.ModelOutput, where: str) -> TensorSpec:
     return TensorSpec(name=t.name, datatype=wire, dims=dims)
 
 
-def _versions(
-    model_dir: Path, config: mc.ModelConfig, filename: str
-) -> dict[int, tuple[Path, int]]:
-    """Version -> (artifact path, its size in bytes), under the version policy."""
-    on_disk: dict[int, tuple[Path, int]] = {}
-    for p in model_dir.iterdir():
-        if not (p.name.isascii() and p.name.isdigit() and int(p.name) > 0):
-            continue
-        artifact = p / filename
-        try:
-            if not artifact.is_file():
-                continue
-            size = artifact.stat().st_size
-        except OSError:
-            continue  # gone (or unreadable) between listing and stat: not on disk
-        on_disk[int(p.name)] = (artifact, size)
+def _versions(files: ModelFiles, config: mc.ModelConfig, filename: str) -> dict[int, StoredFile]:
+    """Version -> its artifact as listed, under the version policy."""
+    listed: dict[int, StoredFile] = {}
+    for rel, stored in files.files.items():
+        head, _, name = rel.partition("/")
+        if name == filename and head.isascii() and head.isdigit() and int(head) > 0:
+            listed[int(head)] = stored
     policy = config.version_policy
     kind = policy.WhichOneof("policy_choice") or "latest"
     if kind == "all":
-        chosen = sorted(on_disk)
+        chosen = sorted(listed)
     elif kind == "specific":
-        chosen = sorted(v for v in policy.specific.versions if v in on_disk)
+        chosen = sorted(v for v in policy.specific.versions if v in listed)
     else:
         n = policy.latest.num_versions if kind == "latest" and policy.latest.num_versions else 1
-        chosen = sorted(on_disk)[-n:]
-    return {v: on_disk[v] for v in chosen}
+        chosen = sorted(listed)[-n:]
+    return {v: listed[v] for v in chosen}
 
 
 def read_model(model_dir: Path, override: mc.ModelConfig | None = None) -> ModelSpec:
-    """Parse one model directory; problems land in ``error``, never raise.
+    """Parse one local model directory; problems land in ``error``, never raise.
     ``override`` stands in for its config.pbtxt (a load request's config)."""
-    name = model_dir.name
+    return model_from_files(local_files(model_dir), override)
+
+
+def model_from_files(files: ModelFiles, override: mc.ModelConfig | None = None) -> ModelSpec:
+    """Parse one model as its source listed it; problems land in ``error``. Raises
+    only RepositoryUnavailable (a remote source that stopped answering)."""
+    name = files.name
     config = mc.ModelConfig()
-    cfg_path = model_dir / ("config.pbtxt" if override is None else "config override")
+    cfg_path = f"{files.where}/" + ("config.pbtxt" if override is None else "config override")
 
     def failed(reason: str) -> ModelSpec:
         log.warning("model %s is unavailable: %s", name, reason)
         return ModelSpec(name, config.platform, 0, (), (), (), {}, config, error=reason)
 
+    if files.error is not None:
+        return failed(files.error)
     try:
-        return _read_model(model_dir, name, config, cfg_path, failed, override)
+        return _read_model(files, name, config, cfg_path, failed, override)
     except OSError as e:
         # Unreadable, or changed under us while being read: listed with the reason.
-        return failed(f"{model_dir}: {e.strerror or e}")
+        return failed(f"{files.where}: {e.strerror or e}")
 
 
 def _read_model(
-    model_dir: Path,
+    files: ModelFiles,
     name: str,
     config: mc.ModelConfig,
-    cfg_path: Path,
+    cfg_path: str,
     failed: Callable[[str], ModelSpec],
     override: mc.ModelConfig | None = None,
 ) -> ModelSpec:
     if override is not None:
         config.CopyFrom(override)
-    elif not cfg_path.is_file():
+    elif "config.pbtxt" not in files.files:
         return failed(f"{cfg_path} is missing")
     else:
         try:
-            text_format.Parse(cfg_path.read_text(), config)
+            text_format.Parse(files.read_text("config.pbtxt"), config)
         except (text_format.ParseError, UnicodeDecodeError) as e:
             return failed(f"{cfg_path}: {e}")
     if config.name and config.name != name:
@@ -359,7 +423,9 @@ def _read_model(
         config.backend and BACKEND_PLATFORMS.get(config.backend) != platform
     ):
         named = " with ".join(
-            f"{k} '{v}'" for k, v in (("platform", config.platform), ("backend", config.backend)) if v
+            f"{k} '{v}'"
+            for k, v in (("platform", config.platform), ("backend", config.backend))
+            if v
         )
         return failed(
             f"{cfg_path}: {f'{named} is not supported' if named else 'names no platform'} "
@@ -379,15 +445,18 @@ def _read_model(
     filename = config.default_model_filename or DEFAULT_FILENAMES[config.platform]
     if "/" in filename or filename.startswith("."):
         return failed(f"{cfg_path}: default_model_filename '{filename}' is not a file name")
-    artifacts = _versions(model_dir, config, filename)
+    artifacts = _versions(files, config, filename)
     if not artifacts:
         return failed(
-            f"{model_dir}: no version directory holds {filename} under the version policy"
+            f"{files.where}: no version directory holds {filename} under the version policy"
         )
     try:
         pinned, declared, min_copies = _modelpool_parameters(config)
+        config_sha = config.parameters.get(CONFIG_PARAMETER)
+        model_digest = config_digest(config_sha.string_value) if config_sha is not None else None
     except ValueError as e:
         return failed(f"{cfg_path}: {e}")
+    checksums = {v: _declared(files, f"{v}/{filename}", model_digest, cfg_path) for v in artifacts}
     return ModelSpec(
         name=name,
         platform=config.platform,
@@ -395,13 +464,35 @@ def _read_model(
         inputs=inputs,
         outputs=outputs,
         versions=tuple(sorted(artifacts)),
-        artifacts={v: path for v, (path, _) in artifacts.items()},
+        artifacts={v: stored.path for v, stored in artifacts.items()},
         config=config,
-        artifact_sizes={v: size for v, (_, size) in artifacts.items()},
+        artifact_sizes={v: stored.size for v, stored in artifacts.items()},
         pinned=pinned,
         declared_bytes=declared,
         min_copies=min_copies,
+        stamps={v: stored.stamp for v, stored in artifacts.items()},
+        checksums=checksums,
     )
+
+
+def _declared(
+    files: ModelFiles, artifact: str, model_digest: str | None, cfg_path: str
+) -> tuple[Declared, ...]:
+    """The digests declared for one artifact: the config's, and its sidecar's."""
+    found = []
+    if model_digest is not None:
+        found.append(Declared(model_digest, f"{CONFIG_PARAMETER} in {cfg_path}"))
+    sidecar = artifact + SIDECAR_SUFFIX
+    if sidecar in files.files:
+        where = f"{files.where}/{sidecar}"
+        try:
+            text = files.read_text(sidecar)
+        except UnicodeDecodeError:
+            text = ""
+        except FileNotFoundError:
+            return tuple(found)  # removed since the listing
+        found.append(Declared(parse_digest(text), where))
+    return tuple(found)
 
 
 def _modelpool_parameters(config: mc.ModelConfig) -> tuple[bool, int | None, int]:

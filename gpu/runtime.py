@@ -154,14 +154,18 @@ class ModelRuntime:
         self.repository.refresh(name)
         spec = self.repository.get(name)
         version = spec.resolve_version(version)
-        path = spec.artifacts[version]
         start = time.perf_counter()
         module: torch.jit.ScriptModule | OnnxModel
-        if spec.platform == ONNX_PLATFORM:
-            # Its own session, errors and measurement: gpu/onnx_backend.py.
-            module, footprint, peak = load_onnx(spec, version, path, self.device)
-        else:
-            module, footprint, peak = self._load_torchscript(spec, version, path, known_peak_bytes)
+        # The artifact as a local file whose declared sha256 matched (fetched into the
+        # cache first for an S3 repository), kept from eviction while it loads.
+        with self.repository.artifact(spec, version) as path:
+            if spec.platform == ONNX_PLATFORM:
+                # Its own session, errors and measurement: gpu/onnx_backend.py.
+                module, footprint, peak = load_onnx(spec, version, path, self.device)
+            else:
+                module, footprint, peak = self._load_torchscript(
+                    spec, version, path, known_peak_bytes
+                )
         loaded = LoadedModel(
             spec=spec,
             version=version,

@@ -13,6 +13,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -24,14 +25,15 @@ import torch
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from modelpool.gpu import execution, protocol
+from modelpool.gpu import execution, protocol, tracing
 from modelpool.gpu.accounting import allocator_for
 from modelpool.gpu.batching import Batcher, Forward
 from modelpool.gpu.memory import MemoryProbe, probe_for
 from modelpool.gpu.protocol import READY_LINE
 from modelpool.gpu.repository import ModelRepository, config_from_json
 from modelpool.gpu.runtime import LoadedModel, ModelRuntime
-from modelpool.placement.errors import DeadlineExceeded, ModelpoolError
+from modelpool.gpu.sources import RepositorySettings
+from modelpool.placement.errors import DeadlineExceeded, ModelpoolError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,12 @@ class WorkerConfig:
     #: skips the TCP stack (``modelpool serve`` uses it for its local workers).
     unix_socket: str | None = None
     redis_url: str | None = None
+    #: SIGTERM: how long in-flight requests may run before the worker stops anyway.
+    drain_timeout_s: float = 30.0
+    #: HTTP port for /metrics and the health endpoints (None: none).
+    metrics_port: int | None = None
+    #: The artifact cache and S3 settings (``--repository-cache``, ``--s3-*``).
+    repository_settings: RepositorySettings | None = None
 
 
 R = TypeVar("R")
@@ -68,7 +76,7 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
 
         self.config = config
         self.worker_id = config.worker_id or f"{os.uname().nodename}-{os.getpid()}"
-        self.repository = ModelRepository(config.model_repository)
+        self.repository = ModelRepository(config.model_repository, config.repository_settings)
         # The environment is read here, once, for a CPU test hook only
         # (MODELPOOL_FAKE_RETAINED_BYTES, see gpu.accounting.FakeRetainedAllocator).
         allocator = allocator_for(torch.device(config.device), os.environ)
@@ -76,6 +84,8 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
             self.repository, config.device, config.threads, allocator=allocator
         )
         self.probe: MemoryProbe = probe_for(config.device, config.device_memory_budget)
+        # OpenTelemetry: off (None) unless the OTEL_* environment asks (gpu/tracing.py).
+        self.tracing = tracing.from_env("worker", os.environ)
         # Loads get their own thread so a long load never queues behind inference.
         self._infer_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(2, config.threads or 2), thread_name_prefix="infer"
@@ -87,12 +97,23 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
         )
         self._load_locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._batchers: dict[tuple[str, int], Batcher] = {}
+        #: SIGTERM: not ready, no new loads; inference goes on until the server stops.
+        self.draining = False
+        self.inflight = 0
+        #: Monotonic time of the last inference call, to tell when gateways stopped
+        #: routing here after the worker left the registry.
+        self.last_call = 0.0
 
     async def _run(self, pool: concurrent.futures.Executor, fn: Callable[..., R], *args: Any) -> R:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     # -- control (JSON) --------------------------------------------------------------
     async def load(self, req: protocol.LoadRequest) -> protocol.LoadResult:
+        if self.draining:
+            raise Unavailable(
+                f"model '{req.model}': worker {self.worker_id} is draining (shutting down); "
+                "load it elsewhere"
+            )
         key = (req.model, req.version)
         lock = self._load_locks.setdefault(key, asyncio.Lock())
         # The gateway sends a model's config override with every load of it, so this
@@ -163,7 +184,7 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=True)
+        return pb.ServerReadyResponse(ready=not self.draining)
 
     async def ModelReady(self, request, context):
         version = int(request.version) if request.version else None
@@ -178,7 +199,40 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
             # Answer an expired request before touching the device.
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before compute")
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-        return await self._guard(context, self._infer(request, deadline))
+        self.last_call = time.monotonic()
+        self.inflight += 1
+        call = (
+            self._infer(request, deadline)
+            if self.tracing is None
+            else self._traced_infer(request, deadline, context.invocation_metadata())
+        )
+        try:
+            return await self._guard(context, call)
+        finally:
+            self.inflight -= 1
+
+    async def _traced_infer(
+        self, request: pb.ModelInferRequest, deadline: float | None, metadata: Any
+    ) -> pb.ModelInferResponse:
+        """``_infer`` in the compute span, a child of the gateway's forward span when
+        ``metadata`` (the call's) carries its traceparent."""
+        assert self.tracing is not None
+        with self.tracing.compute(
+            metadata, request.model_name, request.model_version, self.worker_id
+        ):
+            return await self._infer(request, deadline)
+
+    async def settle(self, quiet_s: float = 0.25, limit_s: float = 1.0) -> None:
+        """After leaving the registry: serve on until no call came for ``quiet_s``
+        (``limit_s`` at most), so a gateway that routed here just before it saw the
+        worker leave is answered instead of refused."""
+        until = time.monotonic() + limit_s
+        # Each sleep ends when the quiet period would, had no call come meanwhile.
+        for _ in range(int(limit_s / quiet_s) + 1):
+            left = min(until, self.last_call + quiet_s) - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(left)
 
     async def _infer(
         self, request: pb.ModelInferRequest, deadline: float | None = None
@@ -346,28 +400,70 @@ async def serve_worker(
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise SystemExit(f"worker: cannot listen on {config.host}:{config.port}")
-    address = config.advertise or f"{config.host}:{port}"
+    # What other hosts dial (the registry); a local supervisor dials the socket.
+    published = advertised_address(config.advertise or config.host, port)
+    address = published
     if config.unix_socket:
         if server.add_insecure_port(f"unix:{config.unix_socket}") == 0:
             raise SystemExit(f"worker: cannot listen on unix:{config.unix_socket}")
-        address = config.advertise or f"unix:{config.unix_socket}"
+        address = f"unix:{config.unix_socket}"
     await server.start()
+    http = None
+    metrics = ""
+    if config.metrics_port is not None:
+        from modelpool.gpu.worker_http import serve_http
+
+        http, bound = await serve_http(worker, config.host, config.metrics_port)
+        metrics = f" metrics={bound}"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("worker %s serving on %s device=%s", worker.worker_id, address, config.device)
-    # The supervisor reads this line to learn the port and the id.
+    log.info("worker %s serving on %s device=%s", worker.worker_id, published, config.device)
+    # The supervisor reads this line to learn the addresses and the id.
     print(
         f"{READY_LINE} address={address} worker_id={worker.worker_id} pid={os.getpid()} "
-        f"tcp={config.host}:{port}",
+        f"tcp={config.host}:{port} advertise={published}{metrics}",
         flush=True,
     )
     started = time.monotonic()
-    side = asyncio.create_task(companion(worker, address)) if companion is not None else None
+    side = asyncio.create_task(companion(worker, published)) if companion is not None else None
     await stop.wait()
+    # Drain: not ready and no new loads at once; the copies leave the registry (the
+    # companion deregisters when cancelled) before the worker stops serving them.
+    worker.draining = True
+    log.info(
+        "worker %s draining: %d request(s) in flight, up to %.0fs",
+        worker.worker_id,
+        worker.inflight,
+        config.drain_timeout_s,
+    )
     if side is not None:
         side.cancel()
-    log.info("worker %s stopping after %.0fs", worker.worker_id, time.monotonic() - started)
-    await server.stop(grace=2.0)
+        await asyncio.gather(side, return_exceptions=True)
+        await worker.settle()
+    # New calls are refused from here; those running get the rest of the drain time.
+    await server.stop(grace=config.drain_timeout_s)
+    if http is not None:
+        await http.cleanup()
+    log.info("worker %s stopped after %.0fs", worker.worker_id, time.monotonic() - started)
     await worker.close()
+
+
+#: Addresses that mean "every interface": never dialable, so never advertised.
+WILDCARDS = frozenset({"0.0.0.0", "::", "[::]", ""})
+
+
+def advertised_address(host: str, port: int) -> str:
+    """The HOST:PORT other hosts dial: ``host`` as given when it names a port
+    (``--advertise HOST:PORT``), else with the bound ``port``; a wildcard listen
+    address becomes this host's name (resolvable on most networks; pass ``--advertise``
+    where it is not, e.g. a pod IP)."""
+    if host.startswith("unix:"):
+        return host
+    name, _, tail = host.rpartition("]") if host.startswith("[") else ("", "", host)
+    if ":" in tail and (name or tail.count(":") == 1):
+        return host
+    if host in WILDCARDS:
+        host = socket.getfqdn()
+    return f"{host}:{port}"

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,14 +35,27 @@ class Serve:
         return f"127.0.0.1:{self.grpc_port}"
 
 
-def start_serve(repo: Path, extra: list[str], log_path: Path, timeout_s: float = 120.0) -> Serve:
+def start_serve(
+    repo: Path,
+    extra: list[str],
+    log_path: Path,
+    timeout_s: float = 120.0,
+    env: Mapping[str, str] | None = None,
+) -> Serve:
+    """``env``: the server's whole environment (None: this process's)."""
     cmd = [
         sys.executable, "-m", "modelpool.gateway.cli", "serve", "--model-repository", str(repo),
         "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
         # A benchmark starts empty: a warm restart would preload the last run's models.
         "--no-warm-restart", *extra,
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=log_path.open("w"),
+        text=True,
+        env=None if env is None else dict(env),
+    )
     m = wait_for_line(proc, READY_RE, timeout_s)
     if m is None:
         raise RuntimeError(f"modelpool serve did not start; see {log_path}")

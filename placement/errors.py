@@ -166,3 +166,8 @@ class WorkerUnavailable(Unavailable):
 
 class ResidencyStoreError(Unavailable):
     """The residency store (Redis) cannot be reached; warm routes keep working."""
+
+
+class RepositoryUnavailable(Unavailable):
+    """A remote model repository (S3) cannot be read: an outage, refused credentials.
+    Models read before keep serving; an artifact not yet cached cannot load."""

@@ -5,7 +5,7 @@
 # Extra arguments go to pytest, e.g. ./scripts/test.sh -m gpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="[test,plots,peers,onnx]" source scripts/bootstrap.sh
+EXTRAS="[test,plots,peers,onnx,s3,tracing]" source scripts/bootstrap.sh
 scripts/install-services.sh
 scripts/install-perf-analyzer.sh >/dev/null
 echo "==> ruff"

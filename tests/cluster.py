@@ -24,6 +24,8 @@ class WorkerProc:
     proc: subprocess.Popen[str]
     address: str
     worker_id: str
+    #: Its HTTP port (--metrics-port), when it has one.
+    metrics_port: int | None = None
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -53,18 +55,19 @@ def _wait_line(
 
 
 def start_worker(
-    repo: Path, redis_url: str, log: Path, worker_id: str, budget: str = "256MB"
+    repo: Path, redis_url: str, log: Path, worker_id: str, budget: str = "256MB", *extra: str
 ) -> WorkerProc:
     cmd = [
         sys.executable, "-m", "modelpool.gateway.cli", "worker", "--model-repository", str(repo),
         "--redis-url", redis_url, "--port", "0", "--worker-id", worker_id,
-        "--device-memory-budget", budget, "--threads", "1", "--node", worker_id,
+        "--device-memory-budget", budget, "--threads", "1", "--node", worker_id, *extra,
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, cwd=ROOT, env=_env()
     )
     m = _wait_line(proc, WORKER_RE, log)
-    return WorkerProc(proc, m[1], m[2])
+    metrics = re.search(r"metrics=(\d+)", m.string)
+    return WorkerProc(proc, m[1], m[2], int(metrics[1]) if metrics else None)
 
 
 def start_gateway(repo: Path, redis_url: str, log: Path, *extra: str) -> Served:

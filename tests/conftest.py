@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,8 +77,15 @@ class Served:
         return self.proc.returncode
 
 
-def start_serve(repo: Path, log_path: Path, *args: str, timeout: float = 90.0) -> Served:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def start_serve(
+    repo: Path,
+    log_path: Path,
+    *args: str,
+    timeout: float = 90.0,
+    env: Mapping[str, str] | None = None,
+) -> Served:
+    """``env``: variables added to this environment (e.g. OTEL_* for tracing)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     # Each server its own warm-restart state, so that one test's residency is never
     # preloaded by the next; tests of warm restarts pass --state-dir.
     env["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="state-", dir=log_path.parent)

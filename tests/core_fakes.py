@@ -99,10 +99,12 @@ class FakeWorker:
         memory = protocol.DeviceMemory("cpu", 0, 0, 0, 0, "budget")
         return protocol.WorkerStatus(self.worker_id, "cpu", 1, memory)
 
-    async def infer(self, request: Any, timeout_s: float) -> Any:
+    async def infer(self, request: Any, timeout_s: float, metadata: Any = None) -> Any:
         self._check()
 
-    async def infer_raw(self, model: str, request: bytes, timeout_s: float) -> bytes:
+    async def infer_raw(
+        self, model: str, request: bytes, timeout_s: float, metadata: Any = None
+    ) -> bytes:
         self._check()
         return b""
 

@@ -583,6 +583,9 @@ class _RecordingPlane:
             raise ModelNotFound(f"model '{name}' is not in the model repository")
         return None, 1
 
+    def check_known(self, name: str, version: str = "", tenant: object = None) -> None:
+        self.spec(name, version, tenant)
+
     async def infer(
         self,
         request: pb.ModelInferRequest | Callable[[], pb.ModelInferRequest],
@@ -591,6 +594,8 @@ class _RecordingPlane:
         raw: bytes | None = None,
         client_timeout_s: float | None = None,
         tenant: object = None,
+        route: object = None,
+        trace: object = None,
     ) -> InferOutcome:
         if callable(request):
             request()  # a parse failure raises here, as in the real data plane

@@ -125,16 +125,21 @@ def grafana_to_promql(expr: str) -> str:
 
 @pytest.fixture(scope="module")
 def server(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    # Its own server: the test unloads a model, which the shared one must not see.
-    s = start_serve(example_repo, tmp_path_factory.mktemp("deploy") / "serve.log")
+    # Its own server: the test unloads a model, which the shared one must not see. Its
+    # budget is smaller than mlp_04_32mb, so that the out-of-memory counter has a sample.
+    s = start_serve(
+        example_repo, tmp_path_factory.mktemp("deploy") / "serve.log",
+        "--device-memory-budget", "24MB",
+    )  # fmt: skip
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="module")
 def scrape(server: Served) -> str:
-    """/metrics after a request per protocol, a bad request and an unload, so that
-    every family has samples (evictions need the unload)."""
+    """/metrics after a request per protocol, a bad request, a model bigger than the
+    budget and an unload, so that every family has samples (evictions need the unload,
+    modelpool_out_of_memory_total the big model)."""
     data = np.zeros((1, 64), dtype=np.float32)
     h = thttp.InferenceServerClient(server.http_url)
     x = thttp.InferInput("input", [1, 64], "FP32")
@@ -146,6 +151,10 @@ def scrape(server: Served) -> str:
     g.infer("mlp_00_2mb", [y])
     with pytest.raises(InferenceServerException, match="no_such_model"):
         h.infer("no_such_model", [x])
+    with pytest.raises(InferenceServerException, match="mlp_04_32mb"):
+        big = thttp.InferInput("input", [1, 64], "FP32")
+        big.set_data_from_numpy(data)
+        h.infer("mlp_04_32mb", [big])
     req = urllib.request.Request(
         f"http://{server.http_url}/v2/repository/models/mlp_00_2mb/unload", data=b"", method="POST"
     )
@@ -202,6 +211,11 @@ def test_dashboard_covers_what_the_issue_asks(scrape: str) -> None:
         "modelpool_inflight_requests",
         "modelpool_queue_wait_seconds_bucket",
         "modelpool_compute_duration_seconds_bucket",
+        # the autoscaling row (docs/observability.md#autoscaling)
+        "modelpool_model_queue_depth",
+        "modelpool_model_inflight_requests",
+        "modelpool_device_occupancy_ratio",
+        "modelpool_device_copies",
     ):
         assert name in queried, name
     assert any("histogram_quantile" in e for e in dashboard_exprs())
