@@ -15,4 +15,6 @@ echo "==> mypy"
 # typecheck/modelpool (links; mypy_path in pyproject.toml).
 .venv/bin/mypy -p modelpool
 echo "==> pytest"
-exec .venv/bin/python -m pytest "$@"
+# Two test processes, each taking whole files (module-scoped servers stay shared);
+# PYTEST_WORKERS=0 runs in one process.
+exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"

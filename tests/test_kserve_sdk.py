@@ -211,6 +211,9 @@ class _NotReady:
     def spec(self, *args: Any) -> None:
         return None
 
+    def check_known(self, *args: Any) -> None:
+        return None
+
     def model_ready(self, *args: Any, **kwargs: Any) -> bool:
         return False
 
