@@ -293,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: 2GiB on CPU, the device's memory on a GPU)",
     )
     serve.add_argument(
+        "--host-memory-budget",
+        type=_size,
+        default=0,
+        help="pinned host memory per worker for copies evicted from its device, so a "
+        "reload is a host-to-device copy: 8GiB, 512MB or bytes (default 0: off; ignored on CPU)",
+    )
+    serve.add_argument(
         "--devices", default="auto", help="auto (CUDA if present), cpu, or cuda:0,cuda:1"
     )
     serve.add_argument("--threads", type=int, default=None, help="torch threads per worker")
@@ -342,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--host", default="127.0.0.1")
     worker.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
     worker.add_argument("--device-memory-budget", type=_size, default=None)
+    worker.add_argument(
+        "--host-memory-budget",
+        type=_size,
+        default=0,
+        help="pinned host memory per worker for copies evicted from its device, so a "
+        "reload is a host-to-device copy: 8GiB, 512MB or bytes (default 0: off; ignored on CPU)",
+    )
     worker.add_argument("--worker-id", default=None)
     worker.add_argument("--advertise", default=None, help="HOST:PORT gateways should dial")
     worker.add_argument(
@@ -490,6 +504,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         unix_socket=args.unix_socket,
         drain_timeout_s=args.drain_timeout,
         metrics_port=args.metrics_port,
+        host_memory_budget=args.host_memory_budget,
     )
     companion = None
     if args.redis_url:
@@ -575,6 +590,7 @@ async def _serve(args: argparse.Namespace) -> int:
             advertise_host=args.advertise_host,
             log_level=args.log_level,
             max_message_bytes=max(config.max_request_bytes, 1 << 30),
+            host_memory_budget=args.host_memory_budget,
         ),
         slots,
         gateway.store,

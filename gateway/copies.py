@@ -69,6 +69,7 @@ from modelpool.cache.records import (
 from modelpool.cache.store import ResidencyStore
 from modelpool.cache.view import ResidencyView
 from modelpool.gateway.deadlines import CAPACITY_RETRY_AFTER_S, Deadline
+from modelpool.gateway.host_tiers import HostTiers
 from modelpool.gateway.metrics import Metrics
 from modelpool.gpu import protocol
 from modelpool.gpu.repository import ModelRepository
@@ -92,6 +93,12 @@ from modelpool.placement.quota import quota_used, quota_victims
 log = logging.getLogger(__name__)
 
 
+#: Eviction reasons whose copy the worker may keep in its host tier (``UnloadRequest.
+#: keep``): the model is still wanted, only not on this device now. A client's unload,
+#: a removed or changed model and a drain drop the copy outright.
+KEEP_REASONS = frozenset({"capacity", "pressure", "cooled"})
+
+
 class WorkerRPC(Protocol):
     """What the manager and the data plane call on a worker (``gateway.workers``)."""
 
@@ -103,7 +110,7 @@ class WorkerRPC(Protocol):
     ) -> protocol.LoadResult: ...
 
     async def unload(
-        self, model: str, version: int, timeout_s: float
+        self, model: str, version: int, timeout_s: float, keep: bool = False
     ) -> protocol.UnloadResult: ...
 
     async def status(self, timeout_s: float) -> protocol.WorkerStatus: ...
@@ -272,6 +279,9 @@ class CopyManager:
         self.demand = Demand()
         #: Requests routed per model version since start (rates for replication).
         self.requests_by_model: collections.Counter[tuple[str, int]] = collections.Counter()
+        #: Each worker's host tier as its last status said (the housekeeper records it);
+        #: informational, never residency state.
+        self.host_tiers = HostTiers()
         store.subscribe(self._apply)
 
     # -- store events ----------------------------------------------------------------
@@ -796,7 +806,7 @@ class CopyManager:
                 )
             )
         except BaseException as e:
-            self.metrics.loads.labels(model, "failure").inc()
+            self.metrics.loads.labels(model, "failure", "disk").inc()
             if isinstance(e, OutOfMemory):
                 self.metrics.out_of_memory.labels(model, "load").inc()
             if not isinstance(e, ModelLoadError | WorkerUnavailable | OutOfMemory):
@@ -813,8 +823,8 @@ class CopyManager:
             raise
         self._fresh[reservation.key] = time.monotonic()
         elapsed = time.monotonic() - started
-        self.metrics.loads.labels(model, "success").inc()
-        self.metrics.load_duration.labels(model).observe(elapsed)
+        self.metrics.loads.labels(model, "success", result.source).inc()
+        self.metrics.load_duration.labels(model, result.source).observe(elapsed)
         self.policy.observe(Loaded(reservation, time.time()))
         footprint = Footprint(
             model, version, device_kind(worker.device_id), result.footprint_bytes,
@@ -890,7 +900,10 @@ class CopyManager:
         try:
             await self.store.put_copy(dataclasses.replace(copy, state=CopyState.UNLOADING))
             result: protocol.UnloadResult | None = await client.unload(
-                copy.model, copy.version, timeout_s=self.config.unload_timeout_s
+                copy.model,
+                copy.version,
+                timeout_s=self.config.unload_timeout_s,
+                keep=reason in KEEP_REASONS,
             )
         except WorkerUnavailable:
             result = None  # the worker is gone; its memory went with it

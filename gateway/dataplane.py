@@ -782,7 +782,11 @@ class DataPlane:
                 "models": len(self.repository.names()),
             },
             "workers": [
-                {**dataclasses.asdict(w), "draining": w.worker_id in self.manager.draining()}
+                {
+                    **dataclasses.asdict(w),
+                    "draining": w.worker_id in self.manager.draining(),
+                    **self._host_tier_status(w.worker_id),
+                }
                 for w in sorted(self.view.workers.values(), key=lambda w: w.worker_id)
             ],
             "devices_without_workers": self.devices_without_workers(),
@@ -810,10 +814,30 @@ class DataPlane:
                     "last_used": c.last_used,
                     "loaded_at": c.loaded_at,
                     "inflight": c.inflight,
+                    "tier": "device",
                 }
                 for c in sorted(copies, key=lambda c: (-c.last_used, c.model))
             ],
+            # Copies evicted from a device and kept in their worker's host memory, as
+            # the housekeeper last read them (gateway/host_tiers.py).
+            "host_copies": [
+                {
+                    "model": h.model,
+                    "version": h.version,
+                    "worker_id": worker_id,
+                    "tier": "host",
+                    "bytes": h.bytes,
+                    "last_used": h.last_used,
+                }
+                for worker_id, h in self.manager.host_tiers.copies()
+            ],
         }
+
+    def _host_tier_status(self, worker_id: str) -> dict[str, int]:
+        report = self.manager.host_tiers.report(worker_id)
+        if report is None:
+            return {"host_budget_bytes": 0, "host_used_bytes": 0}
+        return {"host_budget_bytes": report.budget_bytes, "host_used_bytes": report.used_bytes}
 
     # -- repository extension ------------------------------------------------------------
     def repository_index(

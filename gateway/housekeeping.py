@@ -131,13 +131,21 @@ class Housekeeper:
             await self.store.touch(last_used)
 
     async def refresh_devices(self) -> None:
+        """Device memory from one worker per device; every worker's host tier too, so
+        other workers of a device are asked as well while their tier is on (or before
+        they first answered)."""
         seen: set[str] = set()
+        tiers = self.manager.host_tiers
+        tiers.prune(self.view.workers)
         for w in list(self.view.workers.values()):
-            if w.device_id in seen:
+            if w.device_id in seen and tiers.enabled(w.worker_id) is False:
                 continue
             try:
                 status = await self.clients.get(w.worker_id, w.address).status(timeout_s=5.0)
             except ModelpoolError:
+                continue
+            tiers.record(w.worker_id, status)
+            if w.device_id in seen:
                 continue
             ours = sum(
                 c.footprint_bytes

@@ -68,14 +68,17 @@ class Metrics:
         )
         self.loads = Counter(
             "modelpool_model_loads",
-            "Model loads this gateway started, by outcome (success, failure).",
-            ["model", "outcome"],
+            "Model loads this gateway started, by outcome (success, failure) and source: "
+            "host (promoted from the worker's host tier) or disk (read from the "
+            "repository; every failure counts here).",
+            ["model", "outcome", "source"],
             registry=registry,
         )
         self.load_duration = Histogram(
             "modelpool_model_load_duration_seconds",
-            "Time to load a model onto a worker, as the gateway saw it.",
-            ["model"],
+            "Time to load a model onto a worker, as the gateway saw it, by source (host, "
+            "disk).",
+            ["model", "source"],
             buckets=_LOAD_BUCKETS,
             registry=registry,
         )

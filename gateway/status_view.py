@@ -102,6 +102,7 @@ def render(status: dict[str, Any], url: str, now: float | None = None) -> str:
             c["model"],
             str(c["version"]),
             c["worker_id"],
+            c.get("tier", "device"),
             c["state"],
             human_bytes(c["footprint_bytes"]),
             ago(c["last_used"], now),
@@ -109,9 +110,22 @@ def render(status: dict[str, Any], url: str, now: float | None = None) -> str:
         ]
         for c in copies
     ]
-    out.append(
-        table(["MODEL", "VERSION", "WORKER", "STATE", "FOOTPRINT", "LAST USED", "IN FLIGHT"], rows)
-    )
+    # Copies kept in a worker's host memory (its host tier); older gateways send none.
+    rows += [
+        [
+            h["model"],
+            str(h["version"]),
+            h["worker_id"],
+            "host",
+            "-",
+            human_bytes(h["bytes"]),
+            ago(h["last_used"], now),
+            "-",
+        ]
+        for h in status.get("host_copies") or []
+    ]
+    headers = ["MODEL", "VERSION", "WORKER", "TIER", "STATE", "FOOTPRINT", "LAST USED", "IN FLIGHT"]
+    out.append(table(headers, rows))
     # Older gateways send no measurements.
     measured = status.get("footprints") or []
     if measured:

@@ -61,6 +61,8 @@ class SupervisorConfig:
     advertise_host: str | None = None
     #: The repository's cache and S3 flags, passed on as they are (``gpu/sources.py``).
     repository_args: tuple[str, ...] = ()
+    #: ``--host-memory-budget`` of each worker (its host tier, ``gpu/host_tier.py``); 0: off.
+    host_memory_budget: int = 0
 
 
 class LocalWorkers:
@@ -123,6 +125,8 @@ class LocalWorkers:
             cmd += ["--device-memory-budget", str(self.config.device_memory_budget)]
         if self.config.threads:
             cmd += ["--threads", str(self.config.threads)]
+        if self.config.host_memory_budget:
+            cmd += ["--host-memory-budget", str(self.config.host_memory_budget)]
         if self.config.redis_url:
             cmd += [
                 "--redis-url",

@@ -144,11 +144,14 @@ class WorkerClient:
             timeout_s,
         )
 
-    async def unload(self, model: str, version: int, timeout_s: float) -> protocol.UnloadResult:
+    async def unload(
+        self, model: str, version: int, timeout_s: float, keep: bool = False
+    ) -> protocol.UnloadResult:
+        """``keep``: ask the worker to demote the copy to its host tier (if on)."""
         return await self._call(
             f"model '{model}' unload",
             self._unload,
-            protocol.UnloadRequest(model, version),
+            protocol.UnloadRequest(model, version, keep),
             timeout_s,
         )
 

@@ -51,12 +51,20 @@ class LoadResult:
     footprint_bytes: int
     peak_bytes: int
     load_seconds: float
+    #: Where the copy came from: "disk" (the artifact) or "host" (the worker's host
+    #: tier, a host-to-device copy). Older workers send none: "disk".
+    source: str = "disk"
 
 
 @dataclass(frozen=True)
 class UnloadRequest:
+    """``keep``: demote the copy to the worker's host tier rather than drop it, if the
+    tier is on (the gateway asks for capacity, pressure and cooled evictions; never
+    for a client's unload, a removed model or a drain)."""
+
     model: str
     version: int
+    keep: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,8 @@ class UnloadResult:
     version: int
     freed_bytes: int
     retained_bytes: int = 0
+    #: Bytes the copy holds in the worker's host tier now; 0: it was dropped.
+    kept_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,6 +115,17 @@ class CopyStatus:
 
 
 @dataclass(frozen=True)
+class HostCopyStatus:
+    """A copy in the worker's host tier (``gpu/host_tier.py``): off the device, one
+    host-to-device copy away from serving."""
+
+    model: str
+    version: int
+    bytes: int
+    last_used: float
+
+
+@dataclass(frozen=True)
 class WorkerStatus:
     """``allocated_bytes`` / ``reserved_bytes``: the worker's own device allocator (the
     torch CUDA caching allocator), bytes in live tensors / bytes it holds from the
@@ -118,6 +139,11 @@ class WorkerStatus:
     copies: tuple[CopyStatus, ...] = field(default_factory=tuple)
     allocated_bytes: int = 0
     reserved_bytes: int = 0
+    #: The host tier: its copies, budget and bytes held (all empty/0 when it is off,
+    #: on CPU, and from older workers).
+    host_copies: tuple[HostCopyStatus, ...] = field(default_factory=tuple)
+    host_budget_bytes: int = 0
+    host_used_bytes: int = 0
 
 
 T = TypeVar("T")
@@ -135,6 +161,7 @@ def decoder(cls: type[T]):
         if cls is WorkerStatus:
             raw["memory"] = DeviceMemory(**raw["memory"])
             raw["copies"] = tuple(CopyStatus(**c) for c in raw["copies"])
+            raw["host_copies"] = tuple(HostCopyStatus(**c) for c in raw.get("host_copies", ()))
         return cls(**raw)
 
     return decode

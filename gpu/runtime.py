@@ -14,6 +14,7 @@ import time
 import traceback
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -30,6 +31,7 @@ from modelpool.gpu.accounting import (
     module_bytes,
     retained_after_release,
 )
+from modelpool.gpu.host_tier import FAKE_HOST_TIER_ENV, HostEntry, HostTier
 from modelpool.gpu.onnx_backend import ONNX_PLATFORM, OnnxModel, load_onnx
 from modelpool.gpu.repository import ModelRepository, ModelSpec, TensorSpec
 from modelpool.gpu.tensors import (
@@ -107,15 +109,41 @@ class LoadedModel:
     #: Forward calls and requests answered: with dynamic batching the first is smaller.
     executions: int = 0
     inferences: int = 0
+    #: Where this load came from: "disk" (the artifact, read and deserialised) or
+    #: "host" (promoted from the host tier: a host-to-device copy).
+    source: str = "disk"
+
+
+@dataclass(frozen=True)
+class Unloaded:
+    """What an unload did: ``freed_bytes`` left the device; ``retained_bytes`` is what
+    the allocator still holds that no tensor uses (worker-wide, see ``unload``);
+    ``kept_bytes`` went to the host tier (0: the copy was dropped)."""
+
+    freed_bytes: int
+    retained_bytes: int
+    kept_bytes: int = 0
 
 
 class ModelRuntime:
     """Models resident on one device. Thread-safe for concurrent infer calls; loads run
     one at a time; a load and an unload of one model are serialised by the caller.
 
+    Host tier (``gpu/host_tier.py``): with ``host_budget_bytes`` > 0 on a CUDA device,
+    an unload that asks to keep the copy demotes it to pinned host memory, and a later
+    load of the same version promotes it back (a host-to-device copy, no file read, no
+    warm-up). On CPU the tier is off: the budget is ignored (logged once), never an
+    error, since a CPU copy already lives in host memory.
+
     Args:
         allocator: the device's memory allocator, for peaks and retained bytes (see
             ``gpu.accounting``); None: the real one of ``device``.
+        host_budget_bytes: the host tier's budget (``--host-memory-budget``); 0: off.
+        fake_host_tier: TEST HOOK, never for production (``MODELPOOL_FAKE_HOST_TIER=1``,
+            read once by the worker): turns the tier on for a CPU worker, the "fake
+            device". Demotion keeps the module object as it is and moves its bytes from
+            the device account (``ours_bytes``) to the host account, so end-to-end
+            tests drive the gateway's host-tier paths without a GPU.
     """
 
     def __init__(
@@ -124,17 +152,41 @@ class ModelRuntime:
         device: str,
         threads: int | None = None,
         allocator: Allocator | None = None,
+        host_budget_bytes: int = 0,
+        fake_host_tier: bool = False,
     ) -> None:
         self.repository = repository
         self.device = torch.device(device)
         self.allocator = allocator if allocator is not None else allocator_for(self.device, {})
         self.models: dict[tuple[str, int], LoadedModel] = {}
+        self.host = HostTier(self._host_budget(host_budget_bytes, fake_host_tier))
+        self._fake_host = fake_host_tier and self.device.type != "cuda"
         self._lock = threading.Lock()
         # One load at a time: a second load's weights inside the first one's
         # measurement window would be taken for the first model's peak.
         self._load_serial = threading.Lock()
         if threads:
             torch.set_num_threads(threads)
+
+    def _host_budget(self, budget: int, fake: bool) -> int:
+        """The host tier's budget on this device: 0 (off) on CPU unless the test hook."""
+        if budget <= 0 or self.device.type == "cuda":
+            if fake and self.device.type == "cuda":
+                log.warning(
+                    "%s is a CPU test hook; ignored on device=%s", FAKE_HOST_TIER_ENV, self.device
+                )
+            return max(0, budget)
+        if fake:
+            log.warning(
+                "test hook %s=1: host tier of %d bytes on CPU (the fake device)",
+                FAKE_HOST_TIER_ENV, budget,
+            )  # fmt: skip
+            return budget
+        log.info(
+            "--host-memory-budget ignored on device=%s: a CPU copy already lives in host memory",
+            self.device,
+        )
+        return 0
 
     # -- lifecycle -------------------------------------------------------------------
     def load(self, name: str, version: int, known_peak_bytes: int = 0) -> LoadedModel:
@@ -154,6 +206,11 @@ class ModelRuntime:
         self.repository.refresh(name)
         spec = self.repository.get(name)
         version = spec.resolve_version(version)
+        promoted = self._promote(spec, version, known_peak_bytes)
+        if promoted is not None:
+            with self._lock:
+                self.models[key] = promoted
+            return promoted
         start = time.perf_counter()
         module: torch.jit.ScriptModule | OnnxModel
         # The artifact as a local file whose declared sha256 matched (fetched into the
@@ -186,6 +243,92 @@ class ModelRuntime:
             loaded.load_seconds,
         )
         return loaded
+
+    def _promote(self, spec: ModelSpec, version: int, known_peak_bytes: int) -> LoadedModel | None:
+        """The host tier's copy of ``spec``/``version`` back on the device; None when the
+        tier has none, or its files changed since it was demoted (then it is dropped
+        and the caller reads the disk)."""
+        entry = self.host.take(spec.name, version)
+        if entry is None:
+            return None
+        stamp = spec.stamps.get(version, "")
+        if entry.stamp != stamp:
+            log.info(
+                "host tier: model=%s version=%d changed on disk since it was demoted; "
+                "loading the new files",
+                spec.name, version,
+            )  # fmt: skip
+            return None
+        start = time.perf_counter()
+        module = cast(torch.jit.ScriptModule, entry.module)
+        if not self._fake_host:
+            try:
+                # From pinned buffers, so the copies run asynchronously; wait for them
+                # before the copy is READY (and before its footprint is read).
+                module.to(self.device, non_blocking=True)
+                self.allocator.synchronize()
+            except torch.OutOfMemoryError as e:
+                # The partial device copy goes with the module; the host copy is lost.
+                traceback.clear_frames(e.__traceback__)
+                del module, entry
+                self._release()
+                raise OutOfMemory(
+                    f"model '{spec.name}' version {version}: out of device memory while "
+                    "promoting it from the host tier",
+                    retry_after_s=1.0,
+                ) from e
+        footprint = module_bytes(module)
+        loaded = LoadedModel(
+            spec=spec,
+            version=version,
+            module=module,
+            footprint_bytes=max(footprint, 1),
+            # Measured by its first load: no warm-up forward here.
+            peak_bytes=max(entry.peak_bytes, known_peak_bytes, footprint, 1),
+            load_seconds=time.perf_counter() - start,
+            source="host",
+        )
+        log.info(
+            "promoted model=%s version=%s device=%s footprint=%d load_s=%.3f",
+            spec.name, version, self.device, loaded.footprint_bytes, loaded.load_seconds,
+        )  # fmt: skip
+        return loaded
+
+    def _demote(self, loaded: LoadedModel) -> int:
+        """Keep an unloaded copy in the host tier; returns the host bytes it holds (0:
+        dropped). ONNX sessions are never demoted: onnxruntime owns their memory and
+        has no device move. A copy bigger than the whole budget is dropped too."""
+        spec, version = loaded.spec, loaded.version
+        if isinstance(loaded.module, OnnxModel) or not self.host.fits(loaded.footprint_bytes):
+            return 0
+        module = loaded.module
+        if not self._fake_host:
+            try:
+                _to_pinned_host(module, self.allocator.synchronize)
+            except Exception as e:  # pinned host memory ran out: drop the copy instead
+                log.warning(
+                    "host tier: cannot demote model=%s version=%d: %s", spec.name, version, e
+                )
+                return 0
+        nbytes = loaded.footprint_bytes if self._fake_host else module_bytes(module)
+        if not self.host.fits(nbytes):
+            return 0
+        self.host.put(
+            HostEntry(
+                model=spec.name,
+                version=version,
+                module=module,
+                spec=spec,
+                stamp=spec.stamps.get(version, ""),
+                nbytes=nbytes,
+                peak_bytes=loaded.peak_bytes,
+                last_used=loaded.last_used,
+            )
+        )
+        log.info(
+            "demoted model=%s version=%d to the host tier: %d bytes", spec.name, version, nbytes
+        )
+        return nbytes
 
     def _load_torchscript(
         self, spec: ModelSpec, version: int, path: Path, known_peak_bytes: int = 0
@@ -256,16 +399,38 @@ class ModelRuntime:
         back). The second figure is worker-wide, not this copy's share, and loads or
         forwards running meanwhile cannot inflate it (``gpu.accounting``). Refuses while
         requests are in flight."""
+        done = self.release(name, version)
+        return done.freed_bytes, done.retained_bytes
+
+    def release(self, name: str, version: int, keep: bool = False) -> Unloaded:
+        """Take a copy off the device: with ``keep`` and the host tier on, demote it
+        there (see ``unload`` for the figures); without ``keep`` any host copy of it
+        goes too. Refuses while requests are in flight."""
         with self._lock:
             loaded = self.models.get((name, version))
             if loaded is None:
-                return 0, 0
+                if not keep:
+                    self.host.drop(name, version)
+                return Unloaded(0, 0)
             if loaded.inflight:
                 raise Unavailable(
                     f"model '{name}' version {version} has {loaded.inflight} requests in flight"
                 )
             del self.models[(name, version)]
         freed = loaded.footprint_bytes
+        if keep and self.host.enabled:
+            kept = self._demote(loaded)
+            if kept:
+                del loaded
+                # The device storages went with the move: give them back as a drop does.
+                retained = retained_after_release(self.allocator)
+                log.info(
+                    "unloaded model=%s version=%s freed=%d retained=%d kept=%d",
+                    name, version, freed, retained, kept,
+                )  # fmt: skip
+                return Unloaded(freed, retained, kept)
+        else:
+            self.host.drop(name, version)
         module_ref = weakref.ref(loaded.module)
         del loaded
         if module_ref() is not None:
@@ -284,7 +449,7 @@ class ModelRuntime:
         log.info(
             "unloaded model=%s version=%s freed=%d retained=%d", name, version, freed, retained
         )
-        return freed, retained
+        return Unloaded(freed, retained)
 
     def _release(self) -> None:
         self.allocator.empty_cache()
@@ -405,6 +570,26 @@ class ModelRuntime:
             response.raw_output_contents.append(raw)
         loaded.inferences += 1
         return response
+
+
+def _to_pinned_host(module: torch.jit.ScriptModule, synchronize: Callable[[], None]) -> None:
+    """Move a module's parameters and buffers into pinned (page-locked) host memory in
+    place, so promoting it is an asynchronous DMA copy. Each device tensor is copied
+    straight into a pinned buffer (no pageable copy in between) and swapped in with
+    ``.data``, which a ScriptModule's slots see as well; once the last reference to
+    the device storages goes, ``empty_cache()`` can give them back."""
+    moved: dict[int, torch.Tensor] = {}
+    tensors = [*module.parameters(), *module.buffers()]
+    for t in tensors:
+        if t.device.type == "cpu" and t.is_pinned():
+            continue
+        pinned = torch.empty(t.size(), dtype=t.dtype, device="cpu", pin_memory=True)
+        pinned.copy_(t.data, non_blocking=True)
+        moved[id(t)] = pinned
+    synchronize()  # the module's device: the copies must land before the swap
+    for t in tensors:
+        if id(t) in moved:
+            t.data = moved[id(t)]
 
 
 def _to_device(arg: torch.Tensor, device: torch.device) -> torch.Tensor:

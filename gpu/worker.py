@@ -28,6 +28,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from modelpool.gpu import execution, protocol, tracing
 from modelpool.gpu.accounting import allocator_for
 from modelpool.gpu.batching import Batcher, Forward
+from modelpool.gpu.host_tier import FAKE_HOST_TIER_ENV
 from modelpool.gpu.memory import MemoryProbe, probe_for
 from modelpool.gpu.protocol import READY_LINE
 from modelpool.gpu.repository import ModelRepository, config_from_json
@@ -66,6 +67,9 @@ class WorkerConfig:
     metrics_port: int | None = None
     #: The artifact cache and S3 settings (``--repository-cache``, ``--s3-*``).
     repository_settings: RepositorySettings | None = None
+    #: ``--host-memory-budget``: pinned host bytes for copies evicted from the device
+    #: (``gpu/host_tier.py``); 0: off. Ignored on CPU.
+    host_memory_budget: int = 0
 
 
 R = TypeVar("R")
@@ -80,8 +84,14 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
         # The environment is read here, once, for a CPU test hook only
         # (MODELPOOL_FAKE_RETAINED_BYTES, see gpu.accounting.FakeRetainedAllocator).
         allocator = allocator_for(torch.device(config.device), os.environ)
+        # Likewise MODELPOOL_FAKE_HOST_TIER=1: the host tier on a CPU worker, for tests.
         self.runtime = ModelRuntime(
-            self.repository, config.device, config.threads, allocator=allocator
+            self.repository,
+            config.device,
+            config.threads,
+            allocator=allocator,
+            host_budget_bytes=config.host_memory_budget,
+            fake_host_tier=os.environ.get(FAKE_HOST_TIER_ENV) == "1",
         )
         self.probe: MemoryProbe = probe_for(config.device, config.device_memory_budget)
         # OpenTelemetry: off (None) unless the OTEL_* environment asks (gpu/tracing.py).
@@ -131,19 +141,22 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
             footprint_bytes=loaded.footprint_bytes,
             peak_bytes=loaded.peak_bytes,
             load_seconds=loaded.load_seconds,
+            source=loaded.source,
         )
 
     async def unload(self, req: protocol.UnloadRequest) -> protocol.UnloadResult:
         # The load's lock: a load and an unload of one model never interleave.
         lock = self._load_locks.setdefault((req.model, req.version), asyncio.Lock())
         async with lock:
-            freed, retained = await self._run(
-                self._load_pool, self.runtime.unload, req.model, req.version
+            done = await self._run(
+                self._load_pool, self.runtime.release, req.model, req.version, req.keep
             )
             batcher = self._batchers.pop((req.model, req.version), None)
             if batcher is not None:
                 await batcher.close()
-        return protocol.UnloadResult(req.model, req.version, freed, retained)
+        return protocol.UnloadResult(
+            req.model, req.version, done.freed_bytes, done.retained_bytes, done.kept_bytes
+        )
 
     async def close(self) -> None:
         """Stop the batchers and the thread pools; once the server has stopped."""
@@ -169,6 +182,11 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
             for m in list(self.runtime.models.values())
         )
         usage = self.runtime.allocator_usage()
+        host = self.runtime.host
+        host_copies = tuple(
+            protocol.HostCopyStatus(e.model, e.version, e.nbytes, e.last_used)
+            for e in host.entries()
+        )
         return protocol.WorkerStatus(
             worker_id=self.worker_id,
             device=self.config.device,
@@ -177,6 +195,9 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
             copies=copies,
             allocated_bytes=usage.allocated_bytes,
             reserved_bytes=usage.reserved_bytes,
+            host_copies=host_copies,
+            host_budget_bytes=host.budget_bytes,
+            host_used_bytes=sum(c.bytes for c in host_copies),
         )
 
     # -- Triton GRPCInferenceService subset --------------------------------------------

@@ -62,6 +62,8 @@ class FakeWorker:
         self.alive = True
         self.fail_load: dict[str, Exception] = {}
         self.retained_bytes = 0
+        #: (model, keep) of every unload, in order: whether the gateway asked to keep.
+        self.unload_keeps: list[tuple[str, bool]] = []
         self.load_started = asyncio.Event()
 
     def gate(self, model: str) -> asyncio.Event:
@@ -89,8 +91,11 @@ class FakeWorker:
         self.held[(model, version)] = size
         return protocol.LoadResult(model, version, size, size, 0.01)
 
-    async def unload(self, model: str, version: int, timeout_s: float) -> protocol.UnloadResult:
+    async def unload(
+        self, model: str, version: int, timeout_s: float, keep: bool = False
+    ) -> protocol.UnloadResult:
         self._check()
+        self.unload_keeps.append((model, keep))
         freed = self.held.pop((model, version), 0)
         return protocol.UnloadResult(model, version, freed, self.retained_bytes)
 

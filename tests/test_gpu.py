@@ -284,3 +284,53 @@ def test_serve_on_gpu_matches_torch(tmp_path: Path, serve) -> None:
         for out, want in torch_reference(repo, name, data).items():
             np.testing.assert_allclose(result.as_numpy(out), want, rtol=1e-3, atol=1e-4)
     assert server.metric("modelpool_device_memory_bytes", kind="total") > 0
+
+
+class Weighted(torch.nn.Module):
+    """A linear layer (outputs that depend on every weight) and 64 MiB of buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        self.register_buffer("pad", torch.ones(16 * MiB))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.pad[0]
+
+
+def test_host_tier_demotes_to_pinned_memory_and_promotes_back(tmp_path: Path) -> None:
+    """Issue 11: device -> pinned host -> device, same outputs, device bytes returned."""
+    from modelpool.gpu.repository import ModelRepository
+    from modelpool.gpu.runtime import ModelRuntime
+    from tests.modelgen import write_model
+
+    write_model(tmp_path, "w", Weighted())
+    runtime = ModelRuntime(ModelRepository(tmp_path), "cuda:0", host_budget_bytes=1 * GiB)
+    assert runtime.host.enabled
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(0)
+    loaded = runtime.load("w", 1)
+    assert loaded.source == "disk"
+    x = torch.randn(2, 4)
+    with torch.inference_mode():
+        want = loaded.module(x.to("cuda:0")).cpu()
+    module, footprint = loaded.module, loaded.footprint_bytes
+    del loaded
+
+    done = runtime.release("w", 1, keep=True)
+    assert done.freed_bytes == footprint and done.kept_bytes == footprint >= 64 * MiB
+    tensors = [*module.parameters(), *module.buffers()]
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in tensors)
+    assert runtime.ours_bytes() == 0 and runtime.host.used_bytes() == footprint
+    assert torch.cuda.memory_allocated(0) - base < 16 << 20  # the device bytes came back
+
+    again = runtime.load("w", 1)
+    assert again.source == "host" and again.module is module
+    assert again.footprint_bytes == footprint
+    assert all(
+        t.device == torch.device("cuda:0") for t in [*module.parameters(), *module.buffers()]
+    )
+    with torch.inference_mode():
+        got = again.module(x.to("cuda:0")).cpu()
+    assert torch.equal(got, want)
+    assert runtime.host.used_bytes() == 0
