@@ -1032,6 +1032,7 @@ class CopyManager:
             version,
             now=time.time(),
             min_residency_s=max(0.0, self.config.min_residency_s - waited_s),
+            host_workers=self.host_tiers.holders(model, version),
         )
 
     def model_info(self, model: str, version: int, resident_bytes: int = 0) -> ModelInfo:

@@ -26,6 +26,7 @@ from modelpool.placement.policy import (
     Load,
     PlacementRequest,
     Plan,
+    _holds_in_host,
     _least_loaded_worker,
     plan_lru,
     victims_by,
@@ -91,7 +92,7 @@ def plan_by_value(view: ClusterView, req: PlacementRequest, value: ValueFn) -> P
     plan = plan_lru(view, req)
     if not isinstance(plan, Load) or not plan.evict:
         return plan
-    best: tuple[tuple[float, float, int], DeviceView, tuple[CopyView, ...]] | None = None
+    best: tuple[tuple[float, float, int, int], DeviceView, tuple[CopyView, ...]] | None = None
     for d in view.live_devices():
         victims = value_victims(d, plan.reserve_bytes, view, req, value)
         if victims is None:
@@ -99,13 +100,13 @@ def plan_by_value(view: ClusterView, req: PlacementRequest, value: ValueFn) -> P
         # plan_lru evicts only when no device has room, so every victim set is non-empty.
         dearest = max(value(v) for v in victims)
         newest = max(v.last_used for v in victims)
-        score = (dearest, newest, -view.free_bytes(d))
+        score = (dearest, newest, -_holds_in_host(view, d.device_id, req), -view.free_bytes(d))
         if best is None or score < best[0]:
             best = (score, d, victims)
     if best is None:  # plan_lru found a device to free; the same bytes are idle here
         raise AssertionError("plan_lru evicts where no ranking could")
     _, device, victims = best
-    worker = _least_loaded_worker(view, device.device_id)
+    worker = _least_loaded_worker(view, device.device_id, req.host_workers)
     return Load(
         worker_id=worker,
         device_id=device.device_id,

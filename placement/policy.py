@@ -22,6 +22,10 @@ class PlacementRequest:
     #: Copies younger than this are not evicted, so a burst of cold models cannot
     #: evict each other before any of them served a request.
     min_residency_s: float = 0.0
+    #: Workers holding this version in their host-RAM tier: a load there is a copy
+    #: to the device, not a read from disk, so their devices come first where the
+    #: choice costs nothing else (no device needs fewer or colder evictions).
+    host_workers: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -152,14 +156,15 @@ def plan_lru(view: ClusterView, req: PlacementRequest) -> Plan:
             retryable=False,
         )
 
-    best: tuple[tuple[float, int], DeviceView, tuple[CopyView, ...]] | None = None
+    best: tuple[tuple[float, int, int], DeviceView, tuple[CopyView, ...]] | None = None
     for d in live_devices:
         victims = lru_victims(d, need, view, req)
         if victims is None:
             continue
-        # No evictions beats any eviction; among evictions, the coldest set wins.
+        # No evictions beats any eviction; among evictions, the coldest set wins; then
+        # a device whose worker holds the model in host RAM, then the emptier one.
         newest = max((v.last_used for v in victims), default=float("-inf"))
-        score = (newest, -view.free_bytes(d))
+        score = (newest, -_holds_in_host(view, d.device_id, req), -view.free_bytes(d))
         if best is None or score < best[0]:
             best = (score, d, victims)
     if best is None:
@@ -175,12 +180,30 @@ def plan_lru(view: ClusterView, req: PlacementRequest) -> Plan:
             retryable=True,
         )
     _, device, victims = best
-    worker = _least_loaded_worker(view, device.device_id)
+    worker = _least_loaded_worker(view, device.device_id, req.host_workers)
     return Load(worker_id=worker, device_id=device.device_id, reserve_bytes=need, evict=victims)
 
 
-def _least_loaded_worker(view: ClusterView, device_id: str) -> str:
+def _holds_in_host(view: ClusterView, device_id: str, req: PlacementRequest) -> int:
+    """1 when an accepting worker of the device holds the model in its host tier."""
+    return int(
+        any(
+            w.worker_id in req.host_workers and w.accepting
+            for w in view.workers
+            if w.device_id == device_id
+        )
+    )
+
+
+def _least_loaded_worker(
+    view: ClusterView, device_id: str, host_workers: frozenset[str] = frozenset()
+) -> str:
+    """The device's worker that holds the model in host RAM, else the one with the
+    fewest copies."""
     counts = {w.worker_id: 0 for w in view.workers if w.device_id == device_id and w.accepting}
+    holding = sorted(w for w in counts if w in host_workers)
+    if holding:
+        return holding[0]
     for c in view.copies:
         if c.worker_id in counts:
             counts[c.worker_id] += 1

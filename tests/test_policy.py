@@ -458,3 +458,44 @@ def test_make_policy() -> None:
         make_policy("lru", half_life_s=1.0)
     with pytest.raises(ValueError, match="half_life_s > 0"):
         make_policy("gdsf", half_life_s=0.0)
+
+
+# -- host tier preference --------------------------------------------------------------
+def _two_devices(copies: tuple[CopyView, ...] = ()) -> ClusterView:
+    """d0 emptier than d1; two workers on d1."""
+    return ClusterView(
+        (DeviceView("d0", 1000, 0), DeviceView("d1", 1000, 300)),
+        (WorkerView("d0w0", "d0"), WorkerView("d1w0", "d1"), WorkerView("d1w1", "d1")),
+        copies,
+        {"m": ModelInfo("m", estimated_bytes=200), "x": ModelInfo("x", estimated_bytes=900)},
+    )
+
+
+@pytest.mark.parametrize("name", sorted(PURE))
+def test_a_load_goes_where_the_host_tier_holds_the_model(name: str) -> None:
+    view = _two_devices()
+    cold = PURE[name](view, PlacementRequest("m", 1, now=1000.0))
+    assert isinstance(cold, Load) and cold.device_id == "d0"  # the emptier device
+    warm = PURE[name](view, PlacementRequest("m", 1, now=1000.0, host_workers=frozenset({"d1w1"})))
+    assert isinstance(warm, Load) and (warm.device_id, warm.worker_id) == ("d1", "d1w1")
+    assert warm.evict == ()
+
+
+@pytest.mark.parametrize("name", sorted(PURE))
+def test_the_host_tier_never_costs_an_eviction_another_device_avoids(name: str) -> None:
+    # d1 is full of an idle copy; d0 has room: loading from disk on d0 evicts nothing,
+    # which beats a cheap copy to d1 that would throw out another model.
+    full = CopyView("x", 1, "d1w0", CopyState.READY, 700, last_used=0.0, loaded_at=0.0)
+    view = _two_devices((full,))
+    plan = PURE[name](view, PlacementRequest("m", 1, now=1000.0, host_workers=frozenset({"d1w0"})))
+    assert isinstance(plan, Load) and plan.device_id == "d0" and plan.evict == ()
+
+
+@pytest.mark.parametrize("name", sorted(PURE))
+def test_a_draining_host_holder_is_not_chosen(name: str) -> None:
+    view = _two_devices()
+    draining = replace(view, workers=(view.workers[0], replace(view.workers[1], accepting=False)))
+    plan = PURE[name](
+        draining, PlacementRequest("m", 1, now=1000.0, host_workers=frozenset({"d1w0"}))
+    )
+    assert isinstance(plan, Load) and plan.device_id == "d0"
