@@ -111,8 +111,10 @@ def holder_address(http_url: str, model: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def serving(repo: Path, extra: list[str], log_path: Path) -> Iterator[Serve]:
-    s = start_serve(repo, extra, log_path)
+def serving(
+    repo: Path, extra: list[str], log_path: Path, env: Mapping[str, str] | None = None
+) -> Iterator[Serve]:
+    s = start_serve(repo, extra, log_path, env=env)
     try:
         yield s
     finally:

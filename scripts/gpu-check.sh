@@ -5,6 +5,8 @@
 # image lacks travel in .whl/ (see docs/performance.md, "GPU runs"). Results go to
 # $OUT (or ./gpu-out). A device call runs at most 10 minutes: run it in two calls,
 # PART=checks (tests and benchmarks, ~8 min) then PART=soak (~9 min); PART=all does both.
+# PART=tier: the host-RAM tier's reload against pinned H2D bandwidth (256 MB, 1 GB,
+# 4 GB models; ~6 min, most of it writing them).
 set -uo pipefail
 PART=${PART:-all}
 cd "$(dirname "$0")/.."
@@ -32,6 +34,11 @@ echo "== gateway overhead on cuda:0"
 timeout 120 python3 -m modelpool.loadtests.gateway_overhead --requests 1000 --serve-arg=--devices --serve-arg=cuda:0 --out "$OUT/overhead_gpu.json" 2>&1 | grep -v rounds | tee "$OUT/overhead_gpu.txt"
 echo "== dynamic batching on cuda:0"
 timeout 120 python3 -m modelpool.loadtests.batching --requests 3000 --concurrency 32 --model-size-mb 256 --serve-arg=--devices --serve-arg=cuda:0 --out "$OUT/batching_gpu.json" 2>&1 | grep -v "^  " | tee "$OUT/batching_gpu.txt"
+fi
+if [ "$PART" = tier ]; then
+  echo "== host-tier reload on cuda:0"
+  timeout 500 python3 -m modelpool.loadtests.host_tier --device cuda:0 --sizes 256,1024,4096 --rounds 3 --out "$OUT/host_tier_gpu.json" 2>&1 | grep -v "^  " | tee "$OUT/host_tier_gpu.txt"
+  exit 0
 fi
 SOAK_DURATION=${SOAK_DURATION:-300}
 if [ "$PART" != checks ] && [ "$SOAK_DURATION" != 0 ]; then

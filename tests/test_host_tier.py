@@ -363,3 +363,21 @@ def test_modelpool_status_shows_the_tier_of_each_copy() -> None:
     rows = {line.split()[0]: line.split() for line in lines[lines.index(header) + 1 :]}
     assert rows["one"][3:5] == ["device", "READY"]
     assert rows["two"][3:5] == ["host", "-"]
+
+
+@pytest.mark.slow
+def test_the_host_tier_benchmark_reloads_from_host(tmp_path: Path) -> None:
+    """loadtests/host_tier.py on a CPU (the fake tier): every model of the alternating
+    pair is loaded from disk once, then from host RAM each later round; no bandwidth
+    figure is invented where there is no device copy to measure."""
+    from modelpool.loadtests import host_tier
+
+    out = tmp_path / "host_tier.json"
+    assert (
+        host_tier.main(["--device", "cpu", "--sizes", "2", "--rounds", "2", "--out", str(out)]) == 0
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["disk_loads"] == 1 and row["host_loads"] >= 1, row
+        assert row["h2d_gb_s"] is None and row["ratio"] is None
