@@ -1,5 +1,5 @@
-"""Watching a config file for changes: the auth config and the routing file are both
-reloaded when their file changes, checked every second by default."""
+"""The operator's YAML files (the auth config, the routing file): reading one with
+errors that name it, and watching it for changes (checked every second by default)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,25 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
+
+import yaml
 
 log = logging.getLogger(__name__)
+
+
+def read_yaml(path: str | os.PathLike[str], what: str, error: type[Exception]) -> object:
+    """The YAML document in ``path``; ``error`` naming ``what`` and the file for one
+    that cannot be read or parsed."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{what} {path}: cannot read it: {e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise error(f"{what} {path}: not valid YAML: {e}") from None
+
 
 #: (mtime ns, size, inode): an edit in place changes the first two, an atomic rename
 #: (how editors and Kubernetes ConfigMap updates write) the inode.

@@ -39,13 +39,11 @@ import os
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
 from tritonclient.grpc import service_pb2 as pb
 
-from modelpool.gateway.filewatch import signature, watch
+from modelpool.gateway.filewatch import read_yaml, signature, watch
 from modelpool.gpu.repository import check_model_name, clip
 from modelpool.placement.errors import InvalidInput, ModelNotFound, ModelpoolError
 
@@ -263,14 +261,7 @@ def load_routing(path: str | os.PathLike[str]) -> RoutingTable:
     Raises:
         RoutingError: unreadable file, bad YAML, or a bad route (the message names it).
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RoutingError(f"routing file {path}: cannot read it: {e}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RoutingError(f"routing file {path}: not valid YAML: {e}") from None
+    doc = read_yaml(path, "routing file", RoutingError)
     return parse_routing(doc, str(path))
 
 

@@ -37,12 +37,9 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from modelpool.gateway.filewatch import signature, watch
+from modelpool.gateway.filewatch import read_yaml, signature, watch
 from modelpool.placement.errors import Unauthenticated
 from modelpool.placement.units import parse_size
 
@@ -171,14 +168,7 @@ def load_auth_config(path: str | os.PathLike[str]) -> AuthConfig:
         AuthConfigError: unreadable file, bad YAML, or a bad field (the message names
             the tenant and the field).
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise AuthConfigError(f"auth config {path}: cannot read it: {e}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise AuthConfigError(f"auth config {path}: not valid YAML: {e}") from None
+    doc = read_yaml(path, "auth config", AuthConfigError)
     return parse_auth_config(doc, str(path))
 
 
