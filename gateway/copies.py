@@ -157,6 +157,18 @@ class Lease:
     #: The worker as registered when the lease was made: a restarted worker keeps its
     #: id (and, over a Unix socket, its address) but not this record.
     worker: WorkerRecord
+    #: An early lease (``acquire(early=True)``) on a copy still LOADING: done once the
+    #: copy is READY; raises the error a waiter for the placement would get (the
+    #: load's own: ModelLoadError, OutOfMemory, Unavailable...), or ``CopyMoved``. The
+    #: holder may send its infer before this is done (the worker waits for the load)
+    #: but reports nothing before it is. None: the copy was READY when leased.
+    loading: asyncio.Future[None] | None = None
+
+
+class CopyMoved(Exception):
+    """An early lease's load failed in a way its placement recovers from (a lost
+    worker, a reservation too small) and the placement put the model elsewhere: the
+    request leases again. Never leaves the gateway."""
 
 
 @dataclass(frozen=True)
@@ -377,6 +389,8 @@ class CopyManager:
         key = self._leases.pop(lease.lease_id, None)
         if key is None:
             return
+        if lease.loading is not None:
+            lease.loading.cancel()  # this lease's view of the load; the load goes on
         n = self._inflight[key] - 1
         if n <= 0:
             del self._inflight[key]
@@ -386,12 +400,17 @@ class CopyManager:
             self._last_used[key] = time.time()
         self._notify()
 
-    async def acquire(self, model: str, version: int, deadline: Deadline) -> Lease:
+    async def acquire(
+        self, model: str, version: int, deadline: Deadline, early: bool = False
+    ) -> Lease:
         """A lease on a copy of ``model``/``version``, placing one if need be.
 
         Waits at most until ``deadline``; the placement it waits for is not bound to
         this request and carries on for the others (and for the next request) if this
-        one leaves.
+        one leaves. With ``early``, a cold request is leased as soon as a load of the
+        model version is under way here (``Lease.loading``; the data plane sends the
+        infer then, pipelined behind the Load RPC); without it, only once a copy is
+        READY. Either way the load is the manager's task, never the request's.
 
         Raises:
             DoesNotFit: the model is bigger than any device.
@@ -411,6 +430,10 @@ class CopyManager:
         self.check_failed(model, version)
         while True:
             placement = self._placement(model, version)
+            if early:
+                lease = await self._early_lease(model, version, placement, deadline)
+                if lease is not None:
+                    return lease
             try:
                 await asyncio.wait_for(asyncio.shield(placement), deadline.remaining())
             except TimeoutError:
@@ -427,6 +450,78 @@ class CopyManager:
                 raise deadline.error(f"model '{model}': waiting for a copy")
             # Placed, then gone before this request got to it (evicted, worker lost):
             # place again.
+
+    async def _early_lease(
+        self, model: str, version: int, placement: asyncio.Task[None], deadline: Deadline
+    ) -> Lease | None:
+        """Wait until a load of the model version runs here (an early lease on its
+        copy) or ``placement`` ends or the deadline passes (None: the caller reads the
+        placement's outcome as a plain cold acquire does)."""
+        while not placement.done() and not deadline.expired():
+            lease = self._try_early(model, version, placement)
+            if lease is not None:
+                return lease
+            # ``_load_copy`` notifies when it starts a load task.
+            changed = asyncio.ensure_future(self._change.wait())
+            try:
+                await asyncio.wait(
+                    (placement, changed),
+                    timeout=deadline.remaining(),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                changed.cancel()
+        return None
+
+    def _try_early(self, model: str, version: int, placement: asyncio.Task[None]) -> Lease | None:
+        """An early lease, counted in flight like any (so the copy cannot be evicted
+        once READY), on a copy of the model version whose load task runs here."""
+        for key, load in self._loads.items():
+            copy = self.view.copies.get(key)
+            if (
+                key[:2] != (model, version)
+                or load.done()
+                or copy is None
+                or copy.state != CopyState.LOADING
+                or key in self._suspect
+                or copy.worker_id in self._draining
+                or copy.worker_id not in self.view.workers
+            ):
+                continue
+            lease = self._lease(copy, cold=True)
+            loading = asyncio.ensure_future(self._early_outcome(model, load, placement))
+            self._tasks.add(loading)
+            loading.add_done_callback(_retrieved)
+            loading.add_done_callback(self._tasks.discard)
+            return dataclasses.replace(lease, loading=loading)
+        return None
+
+    async def _early_outcome(
+        self, model: str, load: asyncio.Task[None], placement: asyncio.Task[None]
+    ) -> None:
+        """``Lease.loading`` of an early lease: the outcome a waiter for the placement
+        would have seen, in terms of this lease's copy.
+
+        Raises:
+            CopyMoved: the copy's load failed, and the placement recovered elsewhere.
+            ModelpoolError: the load's own error, or the placement's last one.
+        """
+        try:
+            await asyncio.shield(load)
+            return
+        except (OutOfMemory, WorkerUnavailable):
+            pass  # the placement plans again (``_place_locked``): its verdict counts
+        except asyncio.CancelledError:
+            if load.cancelled():
+                raise Unavailable(f"model '{model}': the gateway is stopping") from None
+            raise
+        try:
+            await asyncio.shield(placement)
+        except asyncio.CancelledError:
+            if placement.cancelled():
+                raise Unavailable(f"model '{model}': the gateway is stopping") from None
+            raise
+        raise CopyMoved(f"model '{model}': the load failed on one worker and was placed again")
 
     def check_failed(self, model: str, version: int) -> None:
         """Fail fast for a model version whose unchanged artifact failed to load."""
@@ -750,6 +845,7 @@ class CopyManager:
             task = asyncio.create_task(self._run_load(reservation), name=f"load {key}")
             self._loads[key] = task
             task.add_done_callback(lambda t: self._load_done(key, t))
+            self._notify()  # early waiters lease the loading copy now
         await asyncio.shield(task)
 
     def _load_done(self, key: CopyKey, task: asyncio.Task[None]) -> None:
@@ -821,7 +917,9 @@ class CopyManager:
                 await self._check_worker(worker, client)
             log.warning("load failed model=%s worker=%s: %s", model, worker_id, e)
             raise
-        self._fresh[reservation.key] = time.monotonic()
+        if not self._inflight.get(reservation.key):
+            # Nobody holds an early lease on it: hold it for those who asked.
+            self._fresh[reservation.key] = time.monotonic()
         elapsed = time.monotonic() - started
         self.metrics.loads.labels(model, "success", result.source).inc()
         self.metrics.load_duration.labels(model, result.source).observe(elapsed)
@@ -1123,6 +1221,12 @@ class CopyManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+
+
+def _retrieved(task: asyncio.Future[None]) -> None:
+    """Mark a task's exception seen: its holder may have left without awaiting it."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _could_fit(view: ClusterView, model: str) -> bool:

@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from tritonclient.grpc import service_pb2 as pb
 from modelpool.cache.records import CopyState
 from modelpool.cache.view import ResidencyView
 from modelpool.gateway.audit import AuditEvent, AuditLog
-from modelpool.gateway.copies import CopyManager
+from modelpool.gateway.copies import CopyManager, CopyMoved
 from modelpool.gateway.deadlines import Deadline
 from modelpool.gateway.drain import Drain
 from modelpool.gateway.errors import outcome_of
@@ -43,6 +44,7 @@ from modelpool.gateway.shm import RegionStatus, SharedMemoryRegistry
 from modelpool.gateway.stats import Statistics
 from modelpool.gateway.tenants import Authenticator, Tenant
 from modelpool.gateway.validate import contents_to_raw, validate_request
+from modelpool.gateway.workers import AWAIT_LOAD
 from modelpool.gpu import execution as worker_execution
 from modelpool.gpu import tracing as tr
 from modelpool.gpu.repository import (
@@ -59,6 +61,7 @@ from modelpool.placement.errors import (
     ModelpoolError,
     PermissionDenied,
     Unauthenticated,
+    Unavailable,
     WorkerUnavailable,
 )
 
@@ -173,6 +176,10 @@ class DataPlane:
         self.metrics = metrics
         self.infer_timeout_s = infer_timeout_s
         self.acquire_timeout_s = acquire_timeout_s
+        #: A cold request sends its infer while its copy loads (``acquire(early=True)``).
+        #: ``MODELPOOL_COLD_PIPELINE=0`` waits for READY as before: only for
+        #: loadtests/cold_start.py to measure both in one place.
+        self.early_leases = os.environ.get("MODELPOOL_COLD_PIPELINE", "1") != "0"
         #: Devices this gateway runs workers on (``modelpool serve``): not ready while
         #: any of them has none.
         self.expected_devices = expected_devices
@@ -601,13 +608,18 @@ class DataPlane:
         # dropped, and the request goes to (or loads) another.
         queued = self.metrics.model_queue_depth.labels(label)
         running = self.metrics.model_inflight.labels(label)
-        for attempt in (1, 2):
+        attempt = 1
+        while True:
             # Waiting (queue depth, queue_wait, the statistics' queue) is the same span:
-            # arrival until the worker is called, copy, load and fair turn included.
+            # arrival until the worker computes, copy, load and fair turn included.
             queued.inc()
             try:
                 with self._trace_load_wait() as waited:
-                    got = await self.manager.acquire(spec.name, version, deadline)
+                    # Early: a cold request's lease comes while its copy loads, and
+                    # its infer follows the Load RPC on the channel at once.
+                    got = await self.manager.acquire(
+                        spec.name, version, deadline, early=self.early_leases
+                    )
                     if waited is not None and got.cold:
                         waited.source = tr.LOAD_FROM_DISK
                 cold = cold or got.cold
@@ -623,29 +635,45 @@ class DataPlane:
             finally:
                 queued.dec()
             compute_started = time.monotonic()
-            self.metrics.queue_wait.labels(label).observe(compute_started - started)
+            if got.loading is None:
+                self.metrics.queue_wait.labels(label).observe(compute_started - started)
             running.inc()
             try:
                 if forward.expired():
                     raise forward.error(f"model '{spec.name}'")
                 timeout_s = forward.remaining()
                 with self._trace_forward(got.copy.worker_id) as metadata:
-                    if raw is not None:
-                        reply = await got.client.infer_raw(
-                            spec.name, raw, timeout_s=timeout_s, metadata=metadata
+                    if got.loading is not None:
+                        metadata = (*(metadata or ()), AWAIT_LOAD)
+                    call = (
+                        got.client.infer_raw(spec.name, raw, timeout_s=timeout_s, metadata=metadata)
+                        if raw is not None
+                        else got.client.infer(request, timeout_s=timeout_s, metadata=metadata)
+                    )
+                    if got.loading is None:
+                        reply = await call
+                    else:
+                        # Compute starts, for the metrics, once the copy is loaded.
+                        reply, compute_started = await _pipelined(
+                            call, got.loading, deadline, spec.name
                         )
+                        self.metrics.queue_wait.labels(label).observe(compute_started - started)
+                    if raw is not None:
                         outcome = InferOutcome(cold, raw=reply)
                     else:
-                        response = await got.client.infer(
-                            request, timeout_s=timeout_s, metadata=metadata
-                        )
-                        outcome = InferOutcome(cold, response=response)
+                        outcome = InferOutcome(cold, response=reply)
+            except CopyMoved:
+                continue  # placed again elsewhere, no retry spent: lease that copy
+            except _LoadFailed as e:
+                # What acquire would have raised had it waited for READY: no retry.
+                raise e.error from None
             except (WorkerUnavailable, ModelNotReady) as e:
                 # The worker died, or another gateway evicted the copy after we
                 # routed to it: the request has not run, so it may go elsewhere.
                 await self.manager.copy_lost(got, worker_gone=isinstance(e, WorkerUnavailable))
                 if attempt == 2:
                     raise
+                attempt = 2
                 log.warning(
                     "copy of model=%s on worker %s lost mid-request (%s); retrying",
                     spec.name,
@@ -679,7 +707,6 @@ class DataPlane:
                 reply=ran,
             )
             return outcome
-        raise AssertionError("unreachable")
 
     def model_statistics(
         self,
@@ -969,6 +996,47 @@ class DataPlane:
 
 #: Tracing off: one stateless context for every trace step, entered for nothing.
 _OFF: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
+async def _pipelined(
+    call: Awaitable[Any], loading: asyncio.Future[None], deadline: Deadline, model: str
+) -> tuple[Any, float]:
+    """An infer sent while its copy loads (the worker holds it until the load is
+    done): its reply, and when the load was seen done (monotonic). The load's outcome
+    comes first: a load that fails cancels the call and raises its error, and no reply
+    is reported before the load succeeded. The wait for the load ends at ``deadline``,
+    the same bound a cold request's wait for a copy has."""
+    infer = asyncio.ensure_future(call)
+    infer.add_done_callback(_seen)
+    try:
+        done, _ = await asyncio.wait((loading,), timeout=deadline.remaining())
+        if not done:
+            raise _LoadFailed(deadline.error(f"model '{model}': waiting for a copy"))
+        try:
+            loading.result()
+        except ModelpoolError as e:
+            raise _LoadFailed(e) from None
+        except asyncio.CancelledError:  # the manager closed (this task was not cancelled)
+            raise _LoadFailed(Unavailable(f"model '{model}': the gateway is stopping")) from None
+        loaded = time.monotonic()
+        return await infer, loaded
+    finally:
+        infer.cancel()  # no-op once it answered
+
+
+class _LoadFailed(Exception):
+    """An early lease's load (or the wait for it) failed: ``error`` is what the
+    request gets, as from ``CopyManager.acquire``, not a lost copy to retry."""
+
+    def __init__(self, error: ModelpoolError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _seen(task: asyncio.Future[Any]) -> None:
+    """A call's error is not reported when its load failed first: mark it seen."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _metadata(spec: ModelSpec, name: str, versions: Sequence[int]) -> pb.ModelMetadataResponse:

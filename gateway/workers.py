@@ -54,6 +54,12 @@ def translate(
 #: The longest timeout handed to grpc for one worker call: a day.
 MAX_CALL_TIMEOUT_S = 86_400.0
 
+#: Metadata on an infer sent while the copy's Load RPC is still in flight: the worker
+#: waits for the load (within the call's deadline) instead of answering NOT_READY.
+#: The key is ``gpu.worker.AWAIT_LOAD_KEY``; spelled here so the gateway never
+#: imports the worker (torch).
+AWAIT_LOAD: tuple[str, str] = ("modelpool-await-load", "1")
+
 
 class WorkerClient:
     def __init__(self, worker_id: str, address: str, max_message_bytes: int = 1 << 30) -> None:
@@ -115,7 +121,8 @@ class WorkerClient:
         timeout_s: float,
         metadata: Sequence[tuple[str, str]] | None = None,
     ) -> pb.ModelInferResponse:
-        """``metadata``: the trace context (``traceparent``) when tracing is on."""
+        """``metadata``: the trace context (``traceparent``) when tracing is on, and
+        ``AWAIT_LOAD`` when the copy is still loading."""
         return await self._call(
             f"model '{request.model_name}'", self.stub.ModelInfer, request, timeout_s, metadata
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ctypes
 import logging
 import os
@@ -37,6 +38,16 @@ from modelpool.gpu.sources import RepositorySettings
 from modelpool.placement.errors import DeadlineExceeded, ModelpoolError, Unavailable
 
 log = logging.getLogger(__name__)
+
+#: gRPC metadata key on a ModelInfer call the gateway sends while the copy's Load RPC
+#: is in flight (``gateway.workers.AWAIT_LOAD``): a version not resident yet is waited
+#: for, within the call's deadline, instead of answered NOT_READY at once.
+AWAIT_LOAD_KEY = "modelpool-await-load"
+#: The longest such a call without a deadline waits for its load.
+AWAIT_LOAD_CAP_S = 120.0
+#: Test hook: seconds every Load waits before loading, so a test can hold a load in
+#: flight whatever the machine's speed (tests/test_cold_pipeline.py). Unset: none.
+FAKE_LOAD_DELAY_ENV = "MODELPOOL_FAKE_LOAD_DELAY_S"
 
 
 def grpc_code(err: ModelpoolError) -> grpc.StatusCode:
@@ -113,6 +124,12 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
         #: Monotonic time of the last inference call, to tell when gateways stopped
         #: routing here after the worker left the registry.
         self.last_call = 0.0
+        #: Set, and replaced, whenever the resident set may have changed (a load or an
+        #: unload returned): wakes infers that arrived ahead of their load.
+        self._resident_changed = asyncio.Event()
+        #: Infers that arrived before their load finished and waited for it.
+        self.awaited_loads = 0
+        self._fake_load_delay_s = float(os.environ.get(FAKE_LOAD_DELAY_ENV) or 0)
 
     async def _run(self, pool: concurrent.futures.Executor, fn: Callable[..., R], *args: Any) -> R:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -131,10 +148,15 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
         override = config_from_json(req.model, req.config_override) if req.config_override else None
         self.repository.set_override(req.model, override)
         async with lock:
-            loaded = await self._run(
-                self._load_pool, self.runtime.load, req.model, req.version, req.known_peak_bytes
-            )
-            self._start_batcher(loaded)
+            if self._fake_load_delay_s > 0:
+                await asyncio.sleep(self._fake_load_delay_s)
+            try:
+                loaded = await self._run(
+                    self._load_pool, self.runtime.load, req.model, req.version, req.known_peak_bytes
+                )
+                self._start_batcher(loaded)
+            finally:
+                self._notify_resident()
         return protocol.LoadResult(
             model=req.model,
             version=loaded.version,
@@ -151,6 +173,7 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
             done = await self._run(
                 self._load_pool, self.runtime.release, req.model, req.version, req.keep
             )
+            self._notify_resident()
             batcher = self._batchers.pop((req.model, req.version), None)
             if batcher is not None:
                 await batcher.close()
@@ -222,6 +245,12 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
         self.last_call = time.monotonic()
         self.inflight += 1
+        if (AWAIT_LOAD_KEY, "1") in (context.invocation_metadata() or ()):
+            try:
+                await self._await_resident(request, deadline)
+            except BaseException:
+                self.inflight -= 1
+                raise
         call = (
             self._infer(request, deadline)
             if self.tracing is None
@@ -231,6 +260,47 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
             return await self._guard(context, call)
         finally:
             self.inflight -= 1
+
+    def _notify_resident(self) -> None:
+        """Wake every infer waiting for its load (``_await_resident``)."""
+        self._resident_changed.set()
+        self._resident_changed = asyncio.Event()
+
+    def _resident(self, request: pb.ModelInferRequest) -> bool:
+        """Whether the copy ``request`` is for is loaded here (as ``runtime.begin``
+        would find it: no version means any)."""
+        version = int(request.model_version) if request.model_version.isdigit() else 0
+        return any(
+            n == request.model_name and (not version or v == version)
+            for n, v in self.runtime.models
+        )
+
+    async def _await_resident(self, request: pb.ModelInferRequest, deadline: float | None) -> None:
+        """Wait until the request's copy is resident, the deadline (event-loop clock)
+        passes (``AWAIT_LOAD_CAP_S`` without one). The gateway sends such an
+        infer right after the copy's Load RPC, and the two race on the channel: the
+        load may be running or not have arrived yet. Returning without the copy is
+        fine: ``_infer`` then answers NOT_READY as it would have at once. A cancelled
+        call (the gateway saw the load fail) stops waiting here."""
+        if self._resident(request):
+            return
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # The gateway always sets a deadline (its wait bound for a copy); the cap is
+        # for a caller without one, never shorter than what the gateway waits.
+        until = deadline if deadline is not None else started + AWAIT_LOAD_CAP_S
+        while not self._resident(request):
+            changed = self._resident_changed
+            left = until - loop.time()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), left)
+        self.awaited_loads += 1
+        log.info(
+            "infer for model=%s version=%s arrived before its load finished; waited %.3fs",
+            request.model_name, request.model_version or "latest", loop.time() - started,
+        )  # fmt: skip
 
     async def _traced_infer(
         self, request: pb.ModelInferRequest, deadline: float | None, metadata: Any

@@ -9,12 +9,14 @@ repository on disk, the pure policy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from tritonclient.grpc import service_pb2 as pb
 
 from modelpool.cache.records import CopyState, DeviceRecord, WorkerRecord
 from modelpool.cache.store import InMemoryStore
@@ -22,9 +24,10 @@ from modelpool.cache.view import ResidencyView
 from modelpool.gateway.copies import CopyManager, ManagerConfig
 from modelpool.gateway.deadlines import Deadline
 from modelpool.gateway.metrics import Metrics
+from modelpool.gateway.workers import AWAIT_LOAD
 from modelpool.gpu import protocol
 from modelpool.gpu.repository import ModelRepository
-from modelpool.placement.errors import ModelLoadError, WorkerUnavailable
+from modelpool.placement.errors import ModelLoadError, ModelNotReady, WorkerUnavailable
 from modelpool.placement.pressure import Watermarks
 
 CONFIG = """name: "{name}"
@@ -65,6 +68,11 @@ class FakeWorker:
         #: (model, keep) of every unload, in order: whether the gateway asked to keep.
         self.unload_keeps: list[tuple[str, bool]] = []
         self.load_started = asyncio.Event()
+        #: (model, metadata, whether the copy was held then) of every parsed infer.
+        self.infers: list[tuple[str, tuple[tuple[str, str], ...], bool]] = []
+        self.infer_sent = asyncio.Event()
+        #: Set and replaced when a load finishes: wakes infers awaiting their load.
+        self.loaded = asyncio.Event()
 
     def gate(self, model: str) -> asyncio.Event:
         """Loads of ``model`` wait until the returned event is set."""
@@ -89,6 +97,8 @@ class FakeWorker:
             raise self.fail_load[model]
         size = self.sizes[model]
         self.held[(model, version)] = size
+        self.loaded.set()
+        self.loaded = asyncio.Event()
         return protocol.LoadResult(model, version, size, size, 0.01)
 
     async def unload(
@@ -105,7 +115,22 @@ class FakeWorker:
         return protocol.WorkerStatus(self.worker_id, "cpu", 1, memory)
 
     async def infer(self, request: Any, timeout_s: float, metadata: Any = None) -> Any:
+        """Like the real worker: a copy not held is NOT_READY, unless the call asks to
+        await its load (``AWAIT_LOAD``), which it then does within ``timeout_s``."""
         self._check()
+        key = (request.model_name, int(request.model_version or 1))
+        metadata = tuple(metadata or ())
+        self.infers.append((request.model_name, metadata, key in self.held))
+        self.infer_sent.set()
+        if AWAIT_LOAD in metadata:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    while key not in self.held:
+                        await self.loaded.wait()
+        self._check()
+        if key not in self.held:
+            raise ModelNotReady(f"model '{key[0]}' is not loaded on {self.worker_id}")
+        return pb.ModelInferResponse(model_name=key[0], model_version=str(key[1]))
 
     async def infer_raw(
         self, model: str, request: bytes, timeout_s: float, metadata: Any = None
