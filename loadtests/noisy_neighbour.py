@@ -9,16 +9,19 @@ model, then runs ``--rounds`` times, ``--duration`` seconds each phase:
 
     (a) alone           quiet at its rate
     (b) with neighbour  quiet at the same rate, and noisy at 10x its limit, in one run
+    (c) control         quiet at the same rate, and noisy at its limit (``--no-control``
+                        skips it): the neighbour's admitted load without the refused
+                        flood, so (b) over (c) is what the flood itself costs quiet
 
-(``--overdrive 1`` sends noisy at its limit: the neighbour's admitted load without the
-refused flood, a control for what the refusals themselves cost.)
+(``--overdrive 1`` sends noisy at its limit in (b) as well.)
 
 Both phases are the open-loop ``loadtests run`` driver with keyed tenants; quiet's
 arrivals are seeded by its name, so (b) replays (a)'s requests with the neighbour
 added. Rounds alternate a, b, a, b, ... so a noisy moment on a shared machine lands on
-one round, not on one phase; the result is the median over rounds of quiet's p99 with
-the neighbour over its p99 alone. The target: that median at most 1.5x, none of quiet's
-requests refused or failed, and the noisy tenant held to its limits (429 /
+one round, not on one phase; the result is quiet's p99 over all its requests with the
+neighbour against its p99 over all its requests alone, each pooled over the rounds
+(the per-round ratios and their median are shown beside it). The target: that ratio
+at most 1.5x, none of quiet's requests refused or failed, and the noisy tenant held to its limits (429 /
 RESOURCE_EXHAUSTED, and no more admitted than its bucket allows). The verdict is
 printed and written with the figures, whatever it is; ``--check`` makes a failed
 verdict exit 3. CPU seconds of the server's processes and of this generator per phase
@@ -45,7 +48,7 @@ import yaml
 
 from modelpool.loadtests.client import RequestFailed, connect
 from modelpool.loadtests.options import PROTOCOLS, LoadOptions, TenantSpec
-from modelpool.loadtests.report import Report, TenantFigures, tenant_table
+from modelpool.loadtests.report import Report, TenantFigures, latency_ms, tenant_table
 from modelpool.loadtests.runner import discover_models, run_load, stderr_progress
 from modelpool.loadtests.servers import Serve, start_serve, stop
 
@@ -127,6 +130,8 @@ class Phase:
     #: The gateway's own count of the phase's requests: tenant -> outcome -> requests
     #: (``modelpool_requests_total``; ``rate_limited`` is its 429s).
     server_counted: dict[str, dict[str, int]]
+    #: Quiet's answered latencies (ms), pooled over rounds for the verdict.
+    quiet_latencies_ms: tuple[float, ...] = ()
 
 
 # -- CPU accounting (Linux /proc) -------------------------------------------------------
@@ -250,6 +255,9 @@ async def timed_phase(
         server_cpu_s=used,
         generator_cpu_s=round(me_used, 2),
         server_counted=_minus(counted_after, counted_before),
+        quiet_latencies_ms=tuple(
+            v for r in reports for v in r.tenant_latencies_ms.get("quiet", ())
+        ),
     )
 
 
@@ -273,8 +281,9 @@ async def warm(server_url: str, protocol: str, spec: TenantSpec, timeout_s: floa
 
 async def measure(
     server: Serve, protocol: str, setup: Setup, keys: dict[str, str], args: argparse.Namespace
-) -> tuple[list[str], list[tuple[Phase, Phase]]]:
-    """Warm up, then ``args.rounds`` x (alone, with the neighbour)."""
+) -> tuple[list[str], list[tuple[Phase, Phase, Phase | None]]]:
+    """Warm up, then ``args.rounds`` x (alone, with the neighbour, and unless
+    ``--no-control`` with the neighbour sending at its limit)."""
     url = server.grpc_url if protocol == "grpc" else server.http_url
     quiet = TenantSpec("quiet", keys["quiet"], setup.quiet_rate)
     noisy = TenantSpec("noisy", keys["noisy"], setup.noisy_rate)
@@ -298,12 +307,17 @@ async def measure(
         tenant_specs=(quiet,),
     )
     both = dataclasses.replace(alone, tenant_specs=(quiet, noisy))
-    separate = None
+    # The control: the neighbour's admitted load without the refused flood.
+    at_limit_spec = dataclasses.replace(noisy, rate=setup.noisy_limit)
+    at_limit = dataclasses.replace(alone, tenant_specs=(quiet, at_limit_spec))
+    control = args.control and setup.overdrive > 1
+    separate = separate_at_limit = None
     if args.noisy_process:
-        both = alone
+        both = at_limit = alone
         separate = dataclasses.replace(
             alone, duration=args.duration + 2 * NOISY_PROCESS_LEAD_S, tenant_specs=(noisy,)
         )
+        separate_at_limit = dataclasses.replace(separate, tenant_specs=(at_limit_spec,))
     rounds = []
     for r in range(1, args.rounds + 1):
         _say(f"round {r}/{args.rounds} (a) quiet alone at {setup.quiet_rate:g} rps")
@@ -313,7 +327,14 @@ async def measure(
             f"{setup.noisy_rate:g} rps (limit {setup.noisy_limit:g})"
         )
         b = await timed_phase(both, server.proc.pid, not args.quiet, separate)
-        rounds.append((a, b))
+        c = None
+        if control:
+            _say(
+                f"round {r}/{args.rounds} (c) quiet at {setup.quiet_rate:g} rps with noisy at "
+                f"its limit, {setup.noisy_limit:g} rps"
+            )
+            c = await timed_phase(at_limit, server.proc.pid, not args.quiet, separate_at_limit)
+        rounds.append((a, b, c))
     return models, rounds
 
 
@@ -346,11 +367,27 @@ def held_to_limits(setup: Setup, noisy: TenantFigures, elapsed_s: float) -> tupl
     return ok, why
 
 
+def pooled_p99(rounds: list[dict[str, Any]], phase: str) -> float | None:
+    """Quiet's p99 over every answered request of ``phase`` in all rounds."""
+    return latency_ms([v / 1000.0 for r in rounds for v in r["quiet_latencies_ms"][phase]]).p99
+
+
 def verdict(setup: Setup, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """The checks over every round; ``passed`` only when all hold. The p99 check is on
-    the median over rounds of the per-round ratio."""
-    ratios = [r["quiet_p99_ratio"] for r in rounds]
-    ratio = _median(ratios)
+    """The checks over every round; ``passed`` only when all hold.
+
+    The p99 check is on quiet's p99 over all its requests with the neighbour against
+    its p99 over all its requests alone, each pooled over the rounds: the p99 "of
+    another tenant" the issue bounds. A round's own p99 rests on its few slowest
+    requests (the 4th-slowest of 400 at the defaults), so the per-round ratios, shown
+    beside it with their median, scatter even when nothing changes between the phases
+    (0.76x-1.60x in the control run with noisy at its limit)."""
+    ratio = _ratio(pooled_p99(rounds, "with_neighbour"), pooled_p99(rounds, "alone"))
+    # With the control phase: how much of that the neighbour's admitted load explains.
+    at_limit = (
+        pooled_p99(rounds, "at_limit")
+        if rounds and all("at_limit" in r["quiet_latencies_ms"] for r in rounds)
+        else None
+    )
     reasons = []
     quiet_ok = True
     held = True
@@ -381,6 +418,15 @@ def verdict(setup: Setup, rounds: list[dict[str, Any]]) -> dict[str, Any]:
         )
     return {
         "quiet_p99_ratio": ratio,
+        "quiet_p99_alone_ms": pooled_p99(rounds, "alone"),
+        "quiet_p99_with_neighbour_ms": pooled_p99(rounds, "with_neighbour"),
+        "quiet_p99_ratio_median_of_rounds": _median([r["quiet_p99_ratio"] for r in rounds]),
+        # Control: quiet with noisy at its limit; the flood's own share is the last.
+        "quiet_p99_at_limit_ms": at_limit,
+        "quiet_p99_ratio_at_limit": _ratio(at_limit, pooled_p99(rounds, "alone")),
+        "quiet_p99_ratio_flood_over_at_limit": _ratio(
+            pooled_p99(rounds, "with_neighbour"), at_limit
+        ),
         "quiet_p50_ratio": _median([r["quiet_p50_ratio"] for r in rounds]),
         "target_p99_ratio": TARGET_P99_RATIO,
         "checks": checks,
@@ -389,8 +435,14 @@ def verdict(setup: Setup, rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def round_doc(a: Phase, b: Phase) -> dict[str, Any]:
+def round_doc(a: Phase, b: Phase, c: Phase | None = None) -> dict[str, Any]:
     alone, quiet = a.tenants["quiet"], b.tenants["quiet"]
+    control: dict[str, Any] = {}
+    if c is not None:
+        control = {
+            "at_limit": {n: dataclasses.asdict(t) for n, t in c.tenants.items()},
+            "quiet_p99_ratio_at_limit": _ratio(c.tenants["quiet"].p99, alone.p99),
+        }
     return {
         "alone": {"quiet": dataclasses.asdict(alone)},
         "with_neighbour": {n: dataclasses.asdict(t) for n, t in b.tenants.items()},
@@ -404,6 +456,13 @@ def round_doc(a: Phase, b: Phase) -> dict[str, Any]:
         "generator_cpu_s": {"alone": a.generator_cpu_s, "with_neighbour": b.generator_cpu_s},
         "server_counted": {"alone": a.server_counted, "with_neighbour": b.server_counted},
         "server_counts_agree": counts_agree(a) and counts_agree(b),
+        # Every answered request's latency, so the pooled p99 can be recomputed.
+        "quiet_latencies_ms": {
+            "alone": [round(v, 3) for v in a.quiet_latencies_ms],
+            "with_neighbour": [round(v, 3) for v in b.quiet_latencies_ms],
+            **({"at_limit": [round(v, 3) for v in c.quiet_latencies_ms]} if c else {}),
+        },
+        **control,
     }  # fmt: skip
 
 
@@ -456,6 +515,9 @@ def table(doc: dict[str, Any]) -> str:
         rows[f"{i} quiet alone"] = TenantFigures(**r["alone"]["quiet"])
         rows[f"{i} quiet + noisy"] = TenantFigures(**r["with_neighbour"]["quiet"])
         rows[f"{i} noisy"] = TenantFigures(**r["with_neighbour"]["noisy"])
+        if "at_limit" in r:
+            rows[f"{i} quiet + at limit"] = TenantFigures(**r["at_limit"]["quiet"])
+            rows[f"{i} noisy at limit"] = TenantFigures(**r["at_limit"]["noisy"])
     v, quiet, noisy = doc["verdict"], doc["quiet"], doc["noisy"]
     limits = doc["setup"]["noisy"]
     ratios = " ".join(_fmt(x, ".2f") + "x" for x in quiet["p99_ratios"])
@@ -467,7 +529,7 @@ def table(doc: dict[str, Any]) -> str:
         *tenant_table(rows),
         "",
         f"quiet alone:          p50 {_fmt(quiet['alone']['p50_ms'])} ms  "
-        f"p99 {_fmt(quiet['alone']['p99_ms'])} ms (medians over rounds)",
+        f"p99 {_fmt(quiet['alone']['p99_ms'])} ms (medians of the rounds)",
         f"quiet with neighbour: p50 {_fmt(quiet['with_neighbour']['p50_ms'])} ms  "
         f"p99 {_fmt(quiet['with_neighbour']['p99_ms'])} ms",
         f"noisy: sent {noisy['sent']}, admitted {noisy['admitted']} ({noisy['ok']} ok), "
@@ -484,9 +546,19 @@ def table(doc: dict[str, Any]) -> str:
         if not r["server_counts_agree"]:
             lines.append(f"round {i}: the server counted otherwise: {r['server_counted']}")
     lines.append(
-        f"quiet p99 with the neighbour / alone: {ratios} per round, median "
-        f"{_fmt(v['quiet_p99_ratio'], '.2f')}x (target <= {TARGET_P99_RATIO}x): "
-        + ("PASS" if v["passed"] else "FAIL")
+        f"quiet p99 over all rounds: alone {_fmt(v['quiet_p99_alone_ms'])} ms, with the "
+        f"neighbour {_fmt(v['quiet_p99_with_neighbour_ms'])} ms; per round {ratios} "
+        f"(median {_fmt(v['quiet_p99_ratio_median_of_rounds'], '.2f')}x)"
+    )
+    if v["quiet_p99_at_limit_ms"] is not None:
+        lines.append(
+            f"control, noisy at its limit: quiet p99 {_fmt(v['quiet_p99_at_limit_ms'])} ms, "
+            f"{_fmt(v['quiet_p99_ratio_at_limit'], '.2f')}x alone; the flood over that: "
+            f"{_fmt(v['quiet_p99_ratio_flood_over_at_limit'], '.2f')}x"
+        )
+    lines.append(
+        f"quiet p99 with the neighbour / alone: {_fmt(v['quiet_p99_ratio'], '.2f')}x "
+        f"(target <= {TARGET_P99_RATIO}x): " + ("PASS" if v["passed"] else "FAIL")
     )
     lines += [f"  - {r}" for r in v["reasons"]]
     return "\n".join(lines)
@@ -526,6 +598,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="send noisy from a process of its own instead of in one run with quiet, so "
         "noisy's replies do not share quiet's event loop (a control for the generator)",
+    )
+    p.add_argument(
+        "--no-control",
+        dest="control",
+        action="store_false",
+        help="skip phase (c) of each round: quiet with noisy sending at its limit (the "
+        "neighbour's admitted load without the refused flood)",
     )
     p.add_argument("--zipf", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=0)
@@ -572,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop(server.proc)
 
-    rounds = [round_doc(a, b) for a, b in phases]
+    rounds = [round_doc(a, b, c) for a, b, c in phases]
     doc: dict[str, Any] = {
         "benchmark": "noisy_neighbour",
         "protocol": args.protocol,

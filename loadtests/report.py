@@ -197,9 +197,13 @@ class Report:
     plots: tuple[str, ...] = field(default=())
     #: Keyed tenants' rows, in the order given; empty for a single-stream run.
     tenants: dict[str, TenantFigures] = field(default_factory=dict)
+    #: Each keyed tenant's answered latencies (ms), for figures pooled over several
+    #: runs (loadtests/noisy_neighbour.py); too long for report.json, so not written.
+    tenant_latencies_ms: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
+        del doc["tenant_latencies_ms"]
         doc["series"] = list(doc["series"])
         doc["plots"] = list(doc["plots"])
         return doc
@@ -289,6 +293,12 @@ def build_report(
             rank=ranks[name],
         )
     tenants = tenant_figures(options, outcomes)
+    tenant_latencies = {
+        spec.name: tuple(
+            o.latency_s * 1000.0 for o in outcomes if o.tenant == i and o.latency_s is not None
+        )
+        for i, spec in enumerate(options.tenant_specs)
+    }
     server_requests = server_cold = rate = None
     if before is not None and after is not None:
         server_requests = after.requests_total - before.requests_total
@@ -317,6 +327,7 @@ def build_report(
         models=models,
         series=tuple(series),
         tenants=tenants,
+        tenant_latencies_ms=tenant_latencies,
     )
 
 
