@@ -282,6 +282,10 @@ class CopyManager:
         #: never count the same free bytes or pick the same victim.
         self._plan_lock = asyncio.Lock()
         self._change = asyncio.Event()
+        #: Set, and dropped, when a load task of the model version starts: wakes that
+        #: version's early waiters only (``_early_lease``). Every waiter waking on every
+        #: change instead made hundreds of waiters each rescan on each lease released.
+        self._load_started: dict[tuple[str, int], asyncio.Event] = {}
         #: Peak bytes and load seconds measured on the last load of each model version
         #: per device kind: the store's record (shared by every gateway, kept across
         #: restarts with Redis), mirrored locally and fed by store events.
@@ -461,8 +465,11 @@ class CopyManager:
             lease = self._try_early(model, version, placement)
             if lease is not None:
                 return lease
-            # ``_load_copy`` notifies when it starts a load task.
-            changed = asyncio.ensure_future(self._change.wait())
+            # ``_load_copy`` sets this when it starts a load task of the version.
+            started = self._load_started.get((model, version))
+            if started is None:
+                started = self._load_started[(model, version)] = asyncio.Event()
+            changed = asyncio.ensure_future(started.wait())
             try:
                 await asyncio.wait(
                     (placement, changed),
@@ -594,6 +601,8 @@ class CopyManager:
     def _placement_done(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
         if self._placements.get(key) is task:
             del self._placements[key]
+            # Its early waiters wake on the placement itself; a later one makes anew.
+            self._load_started.pop(key, None)
         if not task.cancelled():
             task.exception()  # its waiters have it; keep asyncio from warning when none did
         self._notify()
@@ -845,7 +854,9 @@ class CopyManager:
             task = asyncio.create_task(self._run_load(reservation), name=f"load {key}")
             self._loads[key] = task
             task.add_done_callback(lambda t: self._load_done(key, t))
-            self._notify()  # early waiters lease the loading copy now
+            started = self._load_started.pop(key[:2], None)
+            if started is not None:
+                started.set()  # the version's early waiters lease the loading copy now
         await asyncio.shield(task)
 
     def _load_done(self, key: CopyKey, task: asyncio.Task[None]) -> None:
