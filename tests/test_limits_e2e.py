@@ -62,7 +62,12 @@ def tenants(tmp_path: Path, serve) -> tuple[Served, dict[str, str]]:
     }
     config = tmp_path / "auth.yaml"
     config.write_text(yaml.safe_dump(doc))
-    server = serve(repo, "--auth-config", str(config), "--device-memory-budget", "64MB")
+    # LRU: the quota's victim is then the tenant's least recently used copy. Under the
+    # default GDSF it is the one with the lowest value, which weighs each copy's
+    # measured load time: acme-a or acme-b by a millisecond of noise.
+    server = serve(
+        repo, "--auth-config", str(config), "--device-memory-budget", "64MB", "--policy", "lru"
+    )
     return server, keys
 
 

@@ -30,8 +30,10 @@ MIB = 1 << 20
 #: Windows end after this many requests, not after a time: under eviction pressure a
 #: time window can close with no request finished, which perf_analyzer rejects.
 WINDOWS = ["--measurement-mode", "count_windows", "--measurement-request-count", "30"]
-#: Figures on 2 shared cores vary; the check here is the protocol, not stability.
-STABLE = ["-s", "1000", "-r", "4"]
+#: Figures on 2 shared cores vary, and under eviction pressure a window with a load in
+#: it is many times slower than one without: the check here is the protocol, not
+#: stability, so any spread is "stable" (100000%) and a run gets 10 windows to show it.
+STABLE = ["-s", "100000", "-r", "10"]
 
 
 @dataclass
@@ -163,7 +165,8 @@ def test_under_eviction_pressure(perf_analyzer: Path, served: Served, tmp_path: 
         churn.terminate()
         out, _ = churn.communicate(timeout=30)
     assert "churned" in out, out[-2000:]
-    assert all(len(r.rows) == 2 for r in reports.values())
+    for report in reports.values():
+        assert len(report.rows) == 2, report.stdout[-3000:]
     evicted = served.metric("modelpool_model_evictions_total", reason="capacity")
     assert evicted > evicted_before
 
