@@ -498,7 +498,7 @@ class CopyManager:
             lease = self._lease(copy, cold=True)
             loading = asyncio.ensure_future(self._early_outcome(model, load, placement))
             self._tasks.add(loading)
-            loading.add_done_callback(_retrieved)
+            loading.add_done_callback(mark_retrieved)
             loading.add_done_callback(self._tasks.discard)
             return dataclasses.replace(lease, loading=loading)
         return None
@@ -603,8 +603,7 @@ class CopyManager:
             del self._placements[key]
             # Its early waiters wake on the placement itself; a later one makes anew.
             self._load_started.pop(key, None)
-        if not task.cancelled():
-            task.exception()  # its waiters have it; keep asyncio from warning when none did
+        mark_retrieved(task)  # its waiters have it; keep asyncio from warning when none did
         self._notify()
 
     async def _place(self, model: str, version: int) -> None:
@@ -862,8 +861,7 @@ class CopyManager:
     def _load_done(self, key: CopyKey, task: asyncio.Task[None]) -> None:
         if self._loads.get(key) is task:
             del self._loads[key]
-        if not task.cancelled():
-            task.exception()
+        mark_retrieved(task)
         self._notify()
 
     async def _run_load(self, reservation: CopyView) -> None:
@@ -1234,8 +1232,9 @@ class CopyManager:
 
 
 
-def _retrieved(task: asyncio.Future[None]) -> None:
-    """Mark a task's exception seen: its holder may have left without awaiting it."""
+def mark_retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark a task's exception seen (a done callback): its holder may have left
+    without awaiting it, and asyncio would log it as never retrieved."""
     if not task.cancelled():
         task.exception()
 

@@ -23,7 +23,7 @@ from tritonclient.grpc import service_pb2 as pb
 from modelpool.cache.records import CopyState
 from modelpool.cache.view import ResidencyView
 from modelpool.gateway.audit import AuditEvent, AuditLog
-from modelpool.gateway.copies import CopyManager, CopyMoved
+from modelpool.gateway.copies import CopyManager, CopyMoved, mark_retrieved
 from modelpool.gateway.deadlines import Deadline
 from modelpool.gateway.drain import Drain
 from modelpool.gateway.errors import outcome_of
@@ -1007,7 +1007,8 @@ async def _pipelined(
     is reported before the load succeeded. The wait for the load ends at ``deadline``,
     the same bound a cold request's wait for a copy has."""
     infer = asyncio.ensure_future(call)
-    infer.add_done_callback(_seen)
+    # Its error is not reported when the load failed first.
+    infer.add_done_callback(mark_retrieved)
     try:
         done, _ = await asyncio.wait((loading,), timeout=deadline.remaining())
         if not done:
@@ -1031,12 +1032,6 @@ class _LoadFailed(Exception):
     def __init__(self, error: ModelpoolError) -> None:
         super().__init__(error.message)
         self.error = error
-
-
-def _seen(task: asyncio.Future[Any]) -> None:
-    """A call's error is not reported when its load failed first: mark it seen."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _metadata(spec: ModelSpec, name: str, versions: Sequence[int]) -> pb.ModelMetadataResponse:

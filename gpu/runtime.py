@@ -468,12 +468,17 @@ class ModelRuntime:
             raise ModelNotReady(f"model '{name}' version {version} is not loaded on this worker")
         return loaded
 
-    def begin(self, request: pb.ModelInferRequest) -> LoadedModel:
-        """The copy a request is for, counted in flight until ``end``."""
+    def version_of(self, request: pb.ModelInferRequest) -> int:
+        """The version a request is for: its own, or the newest resident here (0: none).
+        Raises ValueError for a version that is not a number."""
         version = int(request.model_version) if request.model_version else 0
         if not version:
             version = max((v for (n, v) in self.models if n == request.model_name), default=0)
-        loaded = self.get(request.model_name, version)
+        return version
+
+    def begin(self, request: pb.ModelInferRequest) -> LoadedModel:
+        """The copy a request is for, counted in flight until ``end``."""
+        loaded = self.get(request.model_name, self.version_of(request))
         with self._lock:
             loaded.inflight += 1
             loaded.last_used = time.time()

@@ -267,13 +267,13 @@ class Worker(pb_grpc.GRPCInferenceServiceServicer):
         self._resident_changed = asyncio.Event()
 
     def _resident(self, request: pb.ModelInferRequest) -> bool:
-        """Whether the copy ``request`` is for is loaded here (as ``runtime.begin``
-        would find it: no version means any)."""
-        version = int(request.model_version) if request.model_version.isdigit() else 0
-        return any(
-            n == request.model_name and (not version or v == version)
-            for n, v in self.runtime.models
-        )
+        """Whether the copy ``request`` is for is loaded here, as ``runtime.begin``
+        would find it."""
+        try:
+            version = self.runtime.version_of(request)
+        except ValueError:
+            return True  # not a version: ``_infer`` answers it as it always has
+        return (request.model_name, version) in self.runtime.models
 
     async def _await_resident(self, request: pb.ModelInferRequest, deadline: float | None) -> None:
         """Wait until the request's copy is resident, the deadline (event-loop clock)

@@ -90,7 +90,7 @@ def paired(
     with contextlib.ExitStack() as stack:
         clients = {}
         for mode, flag in modes.items():
-            env = {"MODELPOOL_COLD_PIPELINE": flag}
+            env = dict(os.environ, MODELPOOL_COLD_PIPELINE=flag)
             server = stack.enter_context(serving(repo, extra, work / f"serve-{mode}.log", env=env))
             clients[mode] = tgrpc.InferenceServerClient(server.grpc_url)
         for name, mb, _path in models:
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.paired:
         return paired(repo, extra, work, models, args.paired, args.out)
     rows: list[dict] = []
-    env = {"MODELPOOL_COLD_PIPELINE": "0"} if args.no_cold_pipeline else None
+    env = dict(os.environ, MODELPOOL_COLD_PIPELINE="0") if args.no_cold_pipeline else None
     with serving(repo, extra, work / "serve.log", env=env) as server:
         client = tgrpc.InferenceServerClient(server.grpc_url)
         for name, mb, path in models:
