@@ -104,8 +104,7 @@ def _add_gateway_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=1.0,
         metavar="SECONDS",
-        help="how often the auth config file is checked for changes (default 1; 0: only "
-        "on SIGHUP)",
+        help="how often the auth config file is checked for changes (default 1; 0: only on SIGHUP)",
     )
     p.add_argument(
         "--audit-log",

@@ -741,7 +741,9 @@ class CopyManager:
                             if isinstance(e, OutOfMemory):
                                 # The estimate was short: ask for half as much again.
                                 need = int(plan.reserve_bytes * 1.5)
-                                self.measured.guess(model, version, need, self.config.load_timeout_s)
+                                self.measured.guess(
+                                    model, version, need, self.config.load_timeout_s
+                                )
 
     def _drain_plan(self, view: ClusterView, request: pol.PlacementRequest) -> pol.Load | None:
         """The policy's load as if every READY copy were idle: victims chosen in its
@@ -959,9 +961,7 @@ class CopyManager:
         return int(device.total_bytes * self.config.watermarks.high) - device.used_other_bytes
 
     # -- eviction ----------------------------------------------------------------------
-    def _claim(
-        self, victims: Iterable[CopyView], busy_ok: bool = False
-    ) -> list[CopyView] | None:
+    def _claim(self, victims: Iterable[CopyView], busy_ok: bool = False) -> list[CopyView] | None:
         """Claim copies for unloading, in this same event-loop step in which they are
         checked idle, so no request can lease them. All or none: None if any is busy,
         gone, already claimed or on a draining worker. ``busy_ok`` claims copies with
@@ -1229,7 +1229,6 @@ class CopyManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
 
 
 def mark_retrieved(task: asyncio.Future[Any]) -> None:

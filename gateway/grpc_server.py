@@ -351,9 +351,7 @@ def service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
         impl = getattr(type(servicer), method.name, None)
         base = getattr(pb_grpc.GRPCInferenceServiceServicer, method.name, None)
         if method.name == "ModelStreamInfer" and impl is not None and impl is not base:
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                servicer.ModelStreamInfer
-            )
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(servicer.ModelStreamInfer)
             continue
         if impl is None or impl is base or method.client_streaming or method.server_streaming:
             continue

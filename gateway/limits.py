@@ -111,7 +111,9 @@ class TenantLimiter:
         if limits is None or limits.rate_rps is None:
             return None
         rate = limits.rate_rps * self.share
-        burst = max(1.0, (limits.burst if limits.burst is not None else limits.rate_rps) * self.share)
+        burst = max(
+            1.0, (limits.burst if limits.burst is not None else limits.rate_rps) * self.share
+        )
         return TokenBucket(rate, burst, updated=self._clock())
 
     def inflight(self, name: str) -> int:
@@ -141,8 +143,7 @@ class TenantLimiter:
             if wait > 0:
                 self._reject(name, "rate")
                 raise RateLimited(
-                    f"tenant '{name}' is over its rate limit of "
-                    f"{limits.rate_rps:g} requests/s",
+                    f"tenant '{name}' is over its rate limit of {limits.rate_rps:g} requests/s",
                     retry_after_s=max(0.001, wait),
                 )
         self._inflight[name] = self._inflight.get(name, 0) + 1

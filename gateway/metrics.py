@@ -76,8 +76,7 @@ class Metrics:
         )
         self.load_duration = Histogram(
             "modelpool_model_load_duration_seconds",
-            "Time to load a model onto a worker, as the gateway saw it, by source (host, "
-            "disk).",
+            "Time to load a model onto a worker, as the gateway saw it, by source (host, disk).",
             ["model", "source"],
             buckets=_LOAD_BUCKETS,
             registry=registry,
@@ -101,8 +100,7 @@ class Metrics:
         self.recycles.labels("retained_memory")  # exported at zero: alerts see a first one
         self.worker_restarts = Counter(
             "modelpool_worker_restarts",
-            "Local worker processes started again after they exited or failed to start, "
-            "by device.",
+            "Local worker processes started again after they exited or failed to start, by device.",
             ["device"],
             registry=registry,
         )

@@ -184,9 +184,7 @@ class LocalWorkers:
             except Exception as e:  # a failed start, a store error: never fatal
                 if self._stopping:
                     return  # stop() killed it mid-start
-                log.error(
-                    "worker %s failed: %s; retrying in %.1fs", slot.worker_id, e, backoff
-                )
+                log.error("worker %s failed: %s; retrying in %.1fs", slot.worker_id, e, backoff)
                 with contextlib.suppress(Exception):
                     await self._kill(slot.worker_id)
                     await self.worker_lost(slot.worker_id)

@@ -40,9 +40,7 @@ class Quotas:
         limit = seers[0].device_memory_quota if len(seers) == 1 else None
         if limit is not None:
             owner = seers[0]
-            others = [
-                t for t in self._config.tenants if t.role != Role.ADMIN and t is not owner
-            ]
+            others = [t for t in self._config.tenants if t.role != Role.ADMIN and t is not owner]
 
             def owns(name: str, owner=owner, others=others) -> bool:
                 return owner.sees(name) and not any(t.sees(name) for t in others)

@@ -437,9 +437,7 @@ def _mutate_doc(rng: random.Random, doc: dict[str, Any], model: Model) -> str:
     return "nested data"
 
 
-def _truncate_or_flip(
-    rng: random.Random, kind: int, body: bytes, note: list[str]
-) -> bytes | None:
+def _truncate_or_flip(rng: random.Random, kind: int, body: bytes, note: list[str]) -> bytes | None:
     """Kinds 0 and 1 of both corrupters: cut the body short, or flip a few bytes."""
     if kind == 0 and body:
         cut = rng.randrange(len(body))

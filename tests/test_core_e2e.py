@@ -164,10 +164,15 @@ def test_a_client_deadline_is_504_and_a_capacity_wait_is_503(tmp_path: Path, ser
         until = time.monotonic() + 30
         while server.metric("modelpool_inflight_requests") < 1 and time.monotonic() < until:
             time.sleep(0.02)
-        other = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 1, 2, 3]}]}
+        other = {
+            "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 1, 2, 3]}]
+        }
         code, doc, headers = _post_infer(url, "other", other)
         assert code == 503, doc
         assert "Retry-After" in headers and "other" in doc["error"]
     finally:
         busy.join(120)
-    assert server.metric("modelpool_requests_total", model="slow", protocol="http", outcome="deadline") == 2
+    assert (
+        server.metric("modelpool_requests_total", model="slow", protocol="http", outcome="deadline")
+        == 2
+    )

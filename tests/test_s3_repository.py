@@ -277,9 +277,7 @@ def test_refused_credentials_fail_serve_at_start(
                     break
             assert time.monotonic() < deadline, "moto_server did not start"
             time.sleep(0.1)
-        err = _serve_fails(
-            REPOSITORY, f"http://127.0.0.1:{port}", tmp_path_factory.mktemp("auth")
-        )
+        err = _serve_fails(REPOSITORY, f"http://127.0.0.1:{port}", tmp_path_factory.mktemp("auth"))
         assert f"access to bucket '{BUCKET}' was refused (InvalidAccessKeyId)" in err
         assert "AWS_ACCESS_KEY_ID" in err
     finally:

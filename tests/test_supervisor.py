@@ -68,7 +68,9 @@ async def test_a_worker_that_keeps_failing_is_retried_until_it_starts(tmp_path: 
         await asyncio.wait_for(supervisor.start(), 30)
         assert any(isinstance(e, WorkerUp) for e in events)
         assert supervisor.restarts["w"] == 4
-        assert registry.get_sample_value("modelpool_worker_restarts_total", {"device": "n/cpu"}) == 4
+        assert (
+            registry.get_sample_value("modelpool_worker_restarts_total", {"device": "n/cpu"}) == 4
+        )
         assert not supervisor._tasks[0].done()  # still supervising
     finally:
         await supervisor.stop()
