@@ -158,11 +158,11 @@ class Lease:
     #: id (and, over a Unix socket, its address) but not this record.
     worker: WorkerRecord
     #: An early lease (``acquire(early=True)``) on a copy still LOADING: done once the
-    #: copy is READY; raises the error a waiter for the placement would get (the
+    #: copy is READY, with where it was loaded from (``LoadResult.source``); raises the error a waiter for the placement would get (the
     #: load's own: ModelLoadError, OutOfMemory, Unavailable...), or ``CopyMoved``. The
     #: holder may send its infer before this is done (the worker waits for the load)
     #: but reports nothing before it is. None: the copy was READY when leased.
-    loading: asyncio.Future[None] | None = None
+    loading: asyncio.Future[str] | None = None
 
 
 class CopyMoved(Exception):
@@ -274,10 +274,11 @@ class CopyManager:
         #: new requests), by when they started: younger ones do not load before them,
         #: or a large model starves while small ones take every byte that frees up.
         self._blocked: dict[tuple[str, int], float] = {}
-        self._loads: dict[CopyKey, asyncio.Task[None]] = {}
+        #: Each resolves to where its copy was loaded from (``LoadResult.source``).
+        self._loads: dict[CopyKey, asyncio.Task[str]] = {}
         self._draining: set[str] = set()
         self._last_recycle: dict[str, float] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         #: Plans are made and their claims taken one at a time, so two placements
         #: never count the same free bytes or pick the same victim.
         self._plan_lock = asyncio.Lock()
@@ -504,8 +505,8 @@ class CopyManager:
         return None
 
     async def _early_outcome(
-        self, model: str, load: asyncio.Task[None], placement: asyncio.Task[None]
-    ) -> None:
+        self, model: str, load: asyncio.Task[str], placement: asyncio.Task[None]
+    ) -> str:
         """``Lease.loading`` of an early lease: the outcome a waiter for the placement
         would have seen, in terms of this lease's copy.
 
@@ -514,8 +515,7 @@ class CopyManager:
             ModelpoolError: the load's own error, or the placement's last one.
         """
         try:
-            await asyncio.shield(load)
-            return
+            return await asyncio.shield(load)
         except (OutOfMemory, WorkerUnavailable):
             pass  # the placement plans again (``_place_locked``): its verdict counts
         except asyncio.CancelledError:
@@ -860,13 +860,13 @@ class CopyManager:
                 started.set()  # the version's early waiters lease the loading copy now
         await asyncio.shield(task)
 
-    def _load_done(self, key: CopyKey, task: asyncio.Task[None]) -> None:
+    def _load_done(self, key: CopyKey, task: asyncio.Task[str]) -> None:
         if self._loads.get(key) is task:
             del self._loads[key]
         mark_retrieved(task)
         self._notify()
 
-    async def _run_load(self, reservation: CopyView) -> None:
+    async def _run_load(self, reservation: CopyView) -> str:
         """Load a copy whose bytes are reserved; publish it READY with its measured
         footprint. On any failure the reservation goes, and a load the worker may
         still finish (a timeout, a cancellation) is unloaded there, so no copy ever
@@ -945,6 +945,7 @@ class CopyManager:
             "placed model=%s version=%d worker=%s footprint=%d load_s=%.3f",
             model, version, worker_id, result.footprint_bytes, elapsed,
         )  # fmt: skip
+        return result.source
 
     async def _unload_orphan(self, client: WorkerRPC, model: str, version: int) -> None:
         try:

@@ -622,9 +622,13 @@ class DataPlane:
                     )
                     if waited is not None and got.cold:
                         waited.source = tr.LOAD_FROM_DISK
-                cold = cold or got.cold
-                if got.cold:
+                        # Leased early: the wait's span ends with the load, not here.
+                        waited.until = got.loading
+                # Once per request: a load placed again elsewhere (CopyMoved) or a
+                # copy lost mid-request is the same request's one cold start.
+                if got.cold and not cold:
                     self.metrics.cold_starts.labels(label).inc()
+                cold = cold or got.cold
                 gate = self.gates.gate(spec.name, version)
                 try:
                     with self._trace_span(tr.QUEUE):
@@ -999,7 +1003,7 @@ _OFF: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
 async def _pipelined(
-    call: Awaitable[Any], loading: asyncio.Future[None], deadline: Deadline, model: str
+    call: Awaitable[Any], loading: asyncio.Future[str], deadline: Deadline, model: str
 ) -> tuple[Any, float]:
     """An infer sent while its copy loads (the worker holds it until the load is
     done): its reply, and when the load was seen done (monotonic). The load's outcome

@@ -30,6 +30,7 @@ whose ``traceparent`` is sampled, and the gateway sends one only then.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -235,13 +236,18 @@ def from_env(process: str, env: Mapping[str, str]) -> Tracing | None:
 
 class LoadWait:
     """What a request's wait for a copy turned out to be: ``source`` stays None on the
-    warm path (no span is recorded), else where the copy was loaded from."""
+    warm path (no span is recorded), else where the copy was loaded from. ``until``:
+    the load's outcome (its source) when the request was leased the copy while it
+    loads (its infer pipelined behind the load); the span then ends when that is
+    done, so it shows the load, not the moment the lease was granted, and names the
+    source the load reported."""
 
-    __slots__ = ("source", "started_ns")
+    __slots__ = ("source", "started_ns", "until")
 
     def __init__(self, started_ns: int) -> None:
         self.started_ns = started_ns
         self.source: str | None = None
+        self.until: asyncio.Future[str] | None = None
 
 
 class Tracing:
@@ -366,8 +372,28 @@ class Tracing:
         except BaseException as e:
             self._record_wait(wait, wait.source or LOAD_FROM_DISK, e)
             raise
-        if wait.source is not None:
+        if wait.source is None:
+            return
+        until = wait.until
+        if until is None:
             self._record_wait(wait, wait.source, None)
+        elif until.done():
+            self._record_load(wait, until)
+        else:
+            # Recorded by the load's outcome: in this context (the request's span the
+            # parent), whether or not the request is still waiting by then.
+            until.add_done_callback(lambda f: self._record_load(wait, f))
+
+    def _record_load(self, wait: LoadWait, load: asyncio.Future[str]) -> None:
+        """The wait's span, at the end of the load it waited for. A cancelled load is
+        this request's view of it, given up (``CopyManager.release``): the load went on."""
+        source = wait.source or LOAD_FROM_DISK
+        if load.cancelled():
+            self._record_wait(wait, source, None)
+        elif (error := load.exception()) is not None:
+            self._record_wait(wait, source, error)
+        else:
+            self._record_wait(wait, load.result() or source, None)
 
     def _record_wait(self, wait: LoadWait, source: str, error: BaseException | None) -> None:
         from opentelemetry.trace import Status, StatusCode

@@ -64,6 +64,9 @@ class FakeWorker:
         self.gates: dict[str, asyncio.Event] = {}
         self.alive = True
         self.fail_load: dict[str, Exception] = {}
+        #: Models whose next infer this process dies in (as under kill -9), after
+        #: awaiting the load the call asked to await.
+        self.die_on_infer: set[str] = set()
         self.retained_bytes = 0
         #: (model, keep) of every unload, in order: whether the gateway asked to keep.
         self.unload_keeps: list[tuple[str, bool]] = []
@@ -127,6 +130,8 @@ class FakeWorker:
                 async with asyncio.timeout(timeout_s):
                     while key not in self.held:
                         await self.loaded.wait()
+        if request.model_name in self.die_on_infer:
+            self.alive = False
         self._check()
         if key not in self.held:
             raise ModelNotReady(f"model '{key[0]}' is not loaded on {self.worker_id}")

@@ -27,7 +27,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from modelpool.cache.records import CopyState
-from modelpool.gateway.dataplane import DataPlane
+from modelpool.gateway.dataplane import DataPlane, InferOutcome
 from modelpool.gateway.workers import AWAIT_LOAD, WorkerClient
 from modelpool.gpu import worker as gpu_worker
 from modelpool.gpu.repository import ModelRepository
@@ -39,7 +39,7 @@ from modelpool.placement.errors import (
     Unavailable,
 )
 from tests.conftest import Served, start_serve
-from tests.core_fakes import Core, make_core, settle, soon
+from tests.core_fakes import Core, FakeWorker, make_core, settle, soon
 from tests.modelgen import write_sized
 
 # -- the copy manager and the data plane, in-process ----------------------------------
@@ -208,10 +208,11 @@ async def test_early_leases_block_eviction_of_the_loading_copy(tmp_path: Path) -
     _quiet(core)
 
 
-async def test_a_load_lost_with_its_worker_is_served_by_the_next_placement(
-    tmp_path: Path,
-) -> None:
-    core = await make_core(tmp_path, {"a": 100}, workers=["w1", "w2"])
+async def _cold_on_two_workers(
+    core: Core,
+) -> tuple[asyncio.Task[InferOutcome], FakeWorker, FakeWorker]:
+    """A cold request for "a" whose load has started, held, on one of two workers:
+    the request, the worker loading it, and the other (its loads of "a" held too)."""
     workers = [core.worker("w1"), core.worker("w2")]
     for w in workers:
         w.gate("a")
@@ -221,7 +222,15 @@ async def test_a_load_lost_with_its_worker_is_served_by_the_next_placement(
     await asyncio.wait(started, timeout=5, return_when=asyncio.FIRST_COMPLETED)
     for s in started:
         s.cancel()
-    lost, other = workers if workers[0].load_started.is_set() else workers[::-1]
+    loading, other = workers if workers[0].load_started.is_set() else workers[::-1]
+    return task, loading, other
+
+
+async def test_a_load_lost_with_its_worker_is_served_by_the_next_placement(
+    tmp_path: Path,
+) -> None:
+    core = await make_core(tmp_path, {"a": 100}, workers=["w1", "w2"])
+    task, lost, other = await _cold_on_two_workers(core)
     await asyncio.wait_for(lost.infer_sent.wait(), 5)
     other.gate("a").set()
     lost.alive = False  # the load fails: WorkerUnavailable, and placement plans again
@@ -232,7 +241,24 @@ async def test_a_load_lost_with_its_worker_is_served_by_the_next_placement(
     assert other.infers and other.infers[-1][0] == "a"
     # Leased again after the placement's verdict, not retried as a lost copy.
     assert not core.manager._suspect
-    assert core.metric("modelpool_cold_starts_total", model="a") >= 1
+    # One request, one cold start, though its lease moved to the second placement.
+    assert core.metric("modelpool_cold_starts_total", model="a") == 1
+    await settle(core)
+    assert core.manager.invariant_errors() == [] and not core.manager._inflight
+
+
+async def test_a_request_that_loads_twice_is_one_cold_start(tmp_path: Path) -> None:
+    """The worker dies in the infer after its load; the retry loads the model again
+    elsewhere. The request waited for two loads and is still one cold start."""
+    core = await make_core(tmp_path, {"a": 100}, workers=["w1", "w2"])
+    task, lost, other = await _cold_on_two_workers(core)
+    lost.die_on_infer.add("a")
+    for w in (lost, other):
+        w.gate("a").set()
+    outcome = await asyncio.wait_for(task, 5)
+    assert outcome.cold
+    assert (lost.loads, other.loads) == (["a"], ["a"])
+    assert core.metric("modelpool_cold_starts_total", model="a") == 1
     await settle(core)
     assert core.manager.invariant_errors() == [] and not core.manager._inflight
 

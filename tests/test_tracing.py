@@ -4,6 +4,7 @@ over OTLP/gRPC to a trace receiver run by this module."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import signal
@@ -125,6 +126,39 @@ def test_load_wait_recorded_only_when_the_request_waited(memory: Any) -> None:
     assert waits[1].events[0].name == "exception"
     (root,) = [s for s in spans if s.name == tracing.INFER]
     assert all(w.parent.span_id == root.context.span_id for w in waits)
+
+
+async def test_a_pipelined_load_wait_ends_with_the_load(memory: Any) -> None:
+    """Leased while the copy loads, the request forwards at once; its wait's span
+    still ends when the load does (or fails, or the request gives it up)."""
+    t, exporter = memory
+    loads = [asyncio.get_running_loop().create_future() for _ in range(3)]
+    with t.request("grpc", None):
+        for load in loads:
+            with t.load_wait() as waited:
+                waited.source = tracing.LOAD_FROM_DISK
+                waited.until = load
+            with t.span(tracing.FORWARD):
+                pass
+    assert [s.name for s in exporter.get_finished_spans()] == [tracing.FORWARD] * 3 + [
+        tracing.INFER
+    ]
+    loads[0].set_result("host")
+    loads[1].set_exception(RuntimeError("no room"))
+    loads[2].cancel()
+    await asyncio.sleep(0)  # the loads' done-callbacks
+    spans = exporter.get_finished_spans()
+    (root,) = [s for s in spans if s.name == tracing.INFER]
+    forwards = [s for s in spans if s.name == tracing.FORWARD]
+    waits = [s for s in spans if s.name == tracing.LOAD_WAIT]
+    assert len(waits) == 3
+    assert all(w.parent.span_id == root.context.span_id for w in waits)
+    # Each overlaps the forward sent while the copy loaded.
+    assert all(w.end_time >= f.end_time for w, f in zip(waits, forwards, strict=True))
+    assert [w.status.is_ok for w in waits] == [True, False, True]
+    # The source the load reported; the one set at the lease when it reported none.
+    assert [w.attributes[tracing.LOAD_SOURCE] for w in waits] == ["host", "disk", "disk"]
+    assert waits[1].events[0].name == "exception"
 
 
 @pytest.mark.parametrize("mapping", [True, False], ids=["headers", "metadata"])
@@ -424,6 +458,42 @@ def test_cold_request_over_grpc_is_one_trace(receiver: Any, servers: Any) -> Non
     header, trace_id, parent = _traceparent()
     _grpc(servers["traced"], "cold_grpc", header)
     _check_cold(r.wait_trace(trace_id, ALL), parent, "cold_grpc", "grpc")
+
+
+@pytest.fixture(scope="module")
+def tiered(
+    receiver: tuple[Receiver, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    """A server whose device fits one of its two models and whose worker keeps the
+    other in host RAM (the fake host tier, as in tests/test_host_tier.py)."""
+    _, endpoint = receiver
+    root = tmp_path_factory.mktemp("trace-tiered")
+    for name in ("one", "two"):
+        write_model(root / "repo", name, Sized(3 << 20))
+    server = start_serve(
+        root / "repo", root / "serve.log",
+        "--device-memory-budget", "5MiB", "--host-memory-budget", "64MiB",
+        "--min-residency", "0", "--admission-window", "0",
+        env={**_env(endpoint, "tiered"), "MODELPOOL_FAKE_HOST_TIER": "1"},
+    )  # fmt: skip
+    yield server
+    server.stop()
+
+
+def test_a_reload_from_host_ram_says_so(receiver: Any, tiered: Served) -> None:
+    """The wait's span names where the load came from, as the worker reported it."""
+    r, _ = receiver
+    for model in ("one", "two"):  # "one" goes to host RAM to make room for "two"
+        _grpc(tiered, model, None)
+    header, trace_id, _ = _traceparent()
+    _grpc(tiered, "one", header)
+    spans = r.wait_trace(trace_id, ALL)
+    (wait,) = [s for s in spans if s.name == tracing.LOAD_WAIT]
+    assert wait.attributes[tracing.LOAD_SOURCE] == "host", tree(spans)
+    assert (
+        tiered.metric("modelpool_model_loads_total", model="one", outcome="success", source="host")
+        == 1
+    )
 
 
 def test_warm_request_has_no_load_wait(receiver: Any, servers: Any) -> None:
