@@ -353,6 +353,10 @@ class ServerSample:
     recycles: float
     requests: dict[str, float]  # by outcome
     cold_starts: float
+    #: Successful loads by source (disk, host).
+    loads_by_source: dict[str, float] = field(default_factory=dict)
+    #: The load-duration histogram by source, summed over models: le -> cumulative count.
+    load_buckets: dict[str, dict[float, float]] = field(default_factory=dict)
 
     def memory_sum(self, kind: str) -> float | None:
         values = [kinds[kind] for kinds in self.memory.values() if kind in kinds]
@@ -371,10 +375,16 @@ def parse_server_metrics(text: str) -> ServerSample:
         "modelpool_worker_recycles_total": ("", {}),
         "modelpool_cold_starts_total": ("", {}),
     }
+    by_source: dict[str, float] = {}
+    buckets: dict[str, dict[float, float]] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name == "modelpool_workers":
                 workers = s.value
+            elif s.name == "modelpool_model_load_duration_seconds_bucket":
+                by_le = buckets.setdefault(s.labels.get("source", "disk"), {})
+                le = float(s.labels["le"])
+                by_le[le] = by_le.get(le, 0.0) + s.value
             elif s.name == "modelpool_device_memory_bytes":
                 kinds = memory.setdefault(s.labels.get("device", ""), {})
                 kinds[s.labels.get("kind", "")] = s.value
@@ -382,6 +392,9 @@ def parse_server_metrics(text: str) -> ServerSample:
                 label, sums = by_label[s.name]
                 key = s.labels.get(label, "")
                 sums[key] = sums.get(key, 0.0) + s.value
+                if s.name == "modelpool_model_loads_total" and key == "success":
+                    source = s.labels.get("source", "disk")
+                    by_source[source] = by_source.get(source, 0.0) + s.value
 
     def total(name: str) -> float:
         return sum(by_label[name][1].values())
@@ -394,7 +407,46 @@ def parse_server_metrics(text: str) -> ServerSample:
         recycles=total("modelpool_worker_recycles_total"),
         requests=by_label["modelpool_requests_total"][1],
         cold_starts=total("modelpool_cold_starts_total"),
+        loads_by_source=by_source,
+        load_buckets=buckets,
     )
+
+
+def bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
+    """The q-quantile of a cumulative histogram (le -> count), interpolated within its
+    bucket as Prometheus' ``histogram_quantile`` does; None when it counted nothing.
+    One in the +Inf bucket is reported as the largest finite bound."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0.0
+    if total <= 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for le in bounds:
+        count = buckets[le]
+        if count >= rank:
+            if le == float("inf"):
+                return lower
+            inside = count - below
+            return lower + (le - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = le, count
+    return lower
+
+
+def loads_by_source(after: ServerSample, before: ServerSample) -> dict[str, dict[str, Any]]:
+    """Loads during the run by source, with their p50 and p99 durations (seconds,
+    from the gateway's histogram): what a cold start cost from disk and from host RAM."""
+    out: dict[str, dict[str, Any]] = {}
+    for source in sorted(set(after.loads_by_source) | set(after.load_buckets)):
+        was = before.load_buckets.get(source, {})
+        delta = {le: n - was.get(le, 0.0) for le, n in after.load_buckets.get(source, {}).items()}
+        loads = after.loads_by_source.get(source, 0.0) - before.loads_by_source.get(source, 0.0)
+        out[source] = {
+            "loads": round(loads),
+            "p50_s": bucket_quantile(delta, 0.5),
+            "p99_s": bucket_quantile(delta, 0.99),
+        }
+    return out
 
 
 def counter_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
@@ -908,6 +960,7 @@ def build_result(
             "worker_recycles": round(after.recycles - b.recycles),
             "requests": counter_delta(after.requests, b.requests),
             "cold_starts": round(after.cold_starts - b.cold_starts),
+            "loads_by_source": loads_by_source(after, b),
         }
     lat = report.latency_ms
     return {
@@ -937,6 +990,8 @@ def build_result(
             "server": server.get("requests", {}).get("unavailable"),
         },
         "loads": sum(server.get("loads", {}).values()) if server else None,
+        # disk / host (the host-RAM tier): count, p50_s, p99_s of the load durations.
+        "loads_by_source": server.get("loads_by_source"),
         "evictions": sum(server.get("evictions", {}).values()) if server else None,
         "worker_recycles": server.get("worker_recycles"),
         "server": server,
@@ -994,6 +1049,16 @@ def table(doc: dict[str, Any]) -> str:
         f"{doc['unavailable']['without_retry_after']}",
         f"{'loads / evictions':<22}{_num(doc['loads'])} / {_num(doc['evictions'])} "
         f"{doc['server'].get('evictions', {})}",
+        f"{'loads by source':<22}"
+        + (
+            ", ".join(
+                f"{src} {v['loads']} (p50 {_ms(v['p50_s'])}, p99 {_ms(v['p99_s'])})"
+                for src, v in (doc["loads_by_source"] or {}).items()
+            )
+            or "-"
+        ),
+        f"{'cold-start rate':<22}"
+        + ("-" if doc["cold_start_rate"] is None else f"{doc['cold_start_rate']:.2%}"),
         f"{'worker recycles':<22}{_num(doc['worker_recycles'])}",
         f"{'latency ms':<22}p50 {_num(lat['p50'])}  p99 {_num(lat['p99'])}  max {_num(lat['max'])}",
         f"{'device memory':<22}{memory}",
@@ -1018,6 +1083,10 @@ def table(doc: dict[str, Any]) -> str:
         + ("" if not doc["verdict_reasons"] else ": " + "; ".join(doc["verdict_reasons"])),
     ]
     return "\n".join(rows)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.0f} ms"
 
 
 def _mib(value: float | None) -> str:

@@ -6,7 +6,8 @@
 # $OUT (or ./gpu-out). A device call runs at most 10 minutes: run it in two calls,
 # PART=checks (tests and benchmarks, ~8 min) then PART=soak (~9 min); PART=all does both.
 # PART=tier: the host-RAM tier's reload against pinned H2D bandwidth (256 MB, 1 GB,
-# 4 GB models; ~6 min, most of it writing them).
+# 4 GB models; ~6 min, most of it writing them). PART=soak-tier: the soak again with
+# each worker's host-RAM tier on (--host-memory-budget 8GiB), to set beside PART=soak.
 set -uo pipefail
 PART=${PART:-all}
 cd "$(dirname "$0")/.."
@@ -25,7 +26,7 @@ export PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, grpc, google.protobuf as p; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'grpc', grpc.__version__, 'protobuf', p.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
-if [ "$PART" != soak ]; then
+if [ "$PART" = all ] || [ "$PART" = checks ]; then
 echo "== pytest -m gpu"
 timeout 240 python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
 echo "== cold start on cuda:0"
@@ -41,12 +42,16 @@ if [ "$PART" = tier ]; then
   exit 0
 fi
 SOAK_DURATION=${SOAK_DURATION:-300}
+SOAK=soak_gpu SOAK_ARGS=()
+if [ "$PART" = soak-tier ]; then
+  SOAK=soak_tier_gpu SOAK_ARGS=(--serve-arg=--host-memory-budget --serve-arg=8GiB)
+fi
 if [ "$PART" != checks ] && [ "$SOAK_DURATION" != 0 ]; then
   # 24 MLPs of 32-512 MB (about 4.7 GB, 3.5x a 1.25 GiB budget), Zipf 1.1 at 80 rps with
   # a 10 s client deadline; a foreign process takes half the budget's share of the GPU
   # at 30%, a worker gets kill -9 at 60%. The timeout covers writing the models (~1 min),
   # starting serve and draining.
   echo "== soak on cuda:0, $SOAK_DURATION s"
-  timeout -k 60 $((SOAK_DURATION + 240)) python3 -m modelpool.loadtests.soak --device cuda:0 --sizes-mb 32,64,128,256,512 --count 24 --budget 1.25GiB --rate 80 --duration "$SOAK_DURATION" --deadline-s 10 --out "$OUT/soak_gpu.json" 2>&1 | grep -v "^  " | tee "$OUT/soak_gpu.txt"
-  gzip -f "$OUT/soak_gpu.serve.log" 2>/dev/null
+  timeout -k 60 $((SOAK_DURATION + 240)) python3 -m modelpool.loadtests.soak --device cuda:0 --sizes-mb 32,64,128,256,512 --count 24 --budget 1.25GiB --rate 80 --duration "$SOAK_DURATION" --deadline-s 10 "${SOAK_ARGS[@]}" --out "$OUT/$SOAK.json" 2>&1 | grep -v "^  " | tee "$OUT/$SOAK.txt"
+  gzip -f "$OUT/$SOAK.serve.log" 2>/dev/null
 fi

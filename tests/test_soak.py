@@ -110,6 +110,43 @@ def test_server_metrics_recycles_read_as_zero_when_absent() -> None:
     assert parse_server_metrics(with_recycles).recycles == 2.0
 
 
+def test_loads_by_source_from_the_gateways_histogram() -> None:
+    """Counts and load-time quantiles per source over the run (after - before),
+    summed over models, as Prometheus' histogram_quantile interpolates them."""
+
+    def scrape(disk: list[float], host: list[float]) -> str:
+        lines = [
+            "# TYPE modelpool_model_loads_total counter",
+            "# TYPE modelpool_model_load_duration_seconds histogram",
+        ]
+        for source, cumulative in (("disk", disk), ("host", host)):
+            for model in ("a", "b"):  # the same per model: sums are twice these
+                lines.append(
+                    f'modelpool_model_loads_total{{model="{model}",outcome="success",'
+                    f'source="{source}"}} {cumulative[-1]}'
+                )
+                for le, n in zip(("0.1", "1.0", "+Inf"), cumulative, strict=True):
+                    lines.append(
+                        f'modelpool_model_load_duration_seconds_bucket{{model="{model}",'
+                        f'source="{source}",le="{le}"}} {n}'
+                    )
+        lines.append('modelpool_model_loads_total{model="a",outcome="failure",source="disk"} 7.0')
+        return "\n".join(lines) + "\n"
+
+    before = parse_server_metrics(scrape([1, 1, 1], [0, 0, 0]))
+    after = parse_server_metrics(scrape([1, 11, 11], [50, 50, 50]))
+    assert after.loads == {"success": 122.0, "failure": 7.0}
+    assert after.loads_by_source == {"disk": 22.0, "host": 100.0}
+    got = soak.loads_by_source(after, before)
+    assert got["disk"]["loads"] == 20 and got["host"]["loads"] == 100
+    # disk: all 20 new loads took 0.1-1 s; host: all 100 under 0.1 s.
+    assert got["disk"]["p50_s"] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert got["disk"]["p99_s"] == pytest.approx(0.1 + 0.9 * 0.99)
+    assert got["host"]["p50_s"] == pytest.approx(0.05)
+    assert soak.bucket_quantile({}, 0.5) is None
+    assert soak.bucket_quantile({1.0: 0.0, float("inf"): 2.0}, 0.5) == 1.0  # past the last bound
+
+
 def _config(**kw: object) -> SoakConfig:
     values: dict[str, object] = {
         "device": "cpu", "sizes_mb": (1, 2, 4), "count": 24, "budget_bytes": 16 << 20,
@@ -211,6 +248,11 @@ def test_soak_on_cpu_survives_kill_minus_nine(tmp_path: Path) -> None:
     assert doc["successes"] + sum(doc["errors_by_kind"].values()) == doc["requests"]
     assert set(doc["unavailable"]) >= {"with_retry_after", "without_retry_after"}
     assert doc["loads"] > 0 and doc["evictions"] > 0, "3x the budget must evict"
+    # No host tier on CPU: every load read the disk, and its times are reported.
+    assert set(doc["loads_by_source"]) == {"disk"}, doc["loads_by_source"]
+    assert doc["loads_by_source"]["disk"]["loads"] == doc["server"]["loads"]["success"]
+    assert doc["loads_by_source"]["disk"]["p99_s"] > 0
+    assert "loads by source" in proc.stdout
     assert isinstance(doc["worker_recycles"], int)
     assert doc["latency_ms"]["p50"] is not None and doc["latency_ms"]["p99"] is not None
     gateway_memory = doc["memory"]["gateway"]
