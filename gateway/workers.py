@@ -7,6 +7,7 @@ connection becomes ``WorkerUnavailable``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -110,6 +111,17 @@ class WorkerClient:
             return await method(request, timeout=timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as e:
             raise translate(e, self.worker_id, what, timeout_s) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this caller was cancelled
+            # The call itself was: its channel closed under it (the worker was dropped
+            # or restarted elsewhere). Raised as is, a server handler's CancelledError
+            # would end the client's RPC with no status at all, and the client would
+            # wait out its whole deadline.
+            raise errors.WorkerUnavailable(
+                f"{what}: worker {self.worker_id}'s channel closed during the call"
+            ) from None
         except grpc.aio.UsageError:  # the channel was closed: its worker was replaced
             raise errors.WorkerUnavailable(
                 f"{what}: worker {self.worker_id}'s channel is closed"
@@ -200,8 +212,6 @@ class WorkerClients:
             self._retire(client)
 
     def _retire(self, client: WorkerClient) -> None:
-        import asyncio
-
         asyncio.get_running_loop().create_task(client.close())
 
     async def close(self) -> None:

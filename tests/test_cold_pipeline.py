@@ -37,6 +37,7 @@ from modelpool.placement.errors import (
     ModelLoadError,
     ModelNotReady,
     Unavailable,
+    WorkerUnavailable,
 )
 from tests.conftest import Served, start_serve
 from tests.core_fakes import Core, FakeWorker, make_core, settle, soon
@@ -341,6 +342,22 @@ async def test_worker_stops_waiting_when_the_call_is_cancelled(
     # A load afterwards finds no one waiting.
     await client.load("m", 1, timeout_s=30.0)
     assert w.awaited_loads == 0
+
+
+async def test_a_call_whose_channel_closes_under_it_is_a_lost_worker(
+    worker: tuple[Worker, WorkerClient],
+) -> None:
+    """A worker dropped or replaced closes its channel with calls in flight. grpc.aio
+    cancels those calls; that must reach the data plane as WorkerUnavailable (retried
+    elsewhere), not as a CancelledError, which in a gateway handler ends the client's
+    RPC with no status and leaves the client waiting out its deadline (the soak's
+    kill -9 found a request that hung 60 s so)."""
+    w, client = worker
+    infer = asyncio.create_task(client.infer(_worker_request(), 30.0, metadata=(AWAIT_LOAD,)))
+    await _until(lambda: w.inflight == 1)
+    await client.channel.close(grace=None)
+    with pytest.raises(WorkerUnavailable, match="channel closed during the call"):
+        await asyncio.wait_for(infer, 5)
 
 
 # -- modelpool serve with tritonclient ---------------------------------------------------
