@@ -51,7 +51,12 @@ def test_watermark_eviction_when_a_model_is_bigger_than_declared(tmp_path: Path,
     write_sized(tmp_path, "a", 10 * MB)
     write_sized(tmp_path, "big", 24 * MB)
     _declare(tmp_path, "big", "1MB")  # a wrong declaration, as ModelMesh users hit
-    server = serve(tmp_path, "--device-memory-budget", "32MB", "--housekeeping-interval", "0.2")
+    # LRU names the victim: under GDSF it weighs the two measured load times against
+    # the sizes, and a slow load of "a" on a busy machine makes "big" the cheaper loss.
+    server = serve(
+        tmp_path, "--device-memory-budget", "32MB", "--housekeeping-interval", "0.2",
+        "--policy", "lru",
+    )  # fmt: skip
     _infer(server.http_url, "a")
     _infer(server.http_url, "big")  # admitted on 1 MB; really 24 MB: 34 MB > 95% of 32
     assert _until(
