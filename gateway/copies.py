@@ -158,10 +158,11 @@ class Lease:
     #: id (and, over a Unix socket, its address) but not this record.
     worker: WorkerRecord
     #: An early lease (``acquire(early=True)``) on a copy still LOADING: done once the
-    #: copy is READY, with where it was loaded from (``LoadResult.source``); raises the error a waiter for the placement would get (the
-    #: load's own: ModelLoadError, OutOfMemory, Unavailable...), or ``CopyMoved``. The
-    #: holder may send its infer before this is done (the worker waits for the load)
-    #: but reports nothing before it is. None: the copy was READY when leased.
+    #: copy is READY, with where it was loaded from (``LoadResult.source``); raises the
+    #: error a waiter for the placement would get (the load's own: ModelLoadError,
+    #: OutOfMemory, Unavailable...), or ``CopyMoved``. The holder may send its infer
+    #: before this is done (the worker waits for the load) but reports nothing before
+    #: it is. None: the copy was READY when leased.
     loading: asyncio.Future[str] | None = None
 
 

@@ -449,6 +449,17 @@ def loads_by_source(after: ServerSample, before: ServerSample) -> dict[str, dict
     return out
 
 
+def format_loads_by_source(rows: dict[str, dict[str, Any]] | None) -> str:
+    """``loads_by_source`` on one line: "disk 12 (p50 40 ms, p99 90 ms), host ..."."""
+    return (
+        ", ".join(
+            f"{src} {v['loads']} (p50 {_ms(v['p50_s'])}, p99 {_ms(v['p99_s'])})"
+            for src, v in (rows or {}).items()
+        )
+        or "-"
+    )
+
+
 def counter_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
     return {k: round(v - before.get(k, 0.0)) for k, v in sorted(after.items())}
 
@@ -1049,14 +1060,7 @@ def table(doc: dict[str, Any]) -> str:
         f"{doc['unavailable']['without_retry_after']}",
         f"{'loads / evictions':<22}{_num(doc['loads'])} / {_num(doc['evictions'])} "
         f"{doc['server'].get('evictions', {})}",
-        f"{'loads by source':<22}"
-        + (
-            ", ".join(
-                f"{src} {v['loads']} (p50 {_ms(v['p50_s'])}, p99 {_ms(v['p99_s'])})"
-                for src, v in (doc["loads_by_source"] or {}).items()
-            )
-            or "-"
-        ),
+        f"{'loads by source':<22}{format_loads_by_source(doc['loads_by_source'])}",
         f"{'cold-start rate':<22}"
         + ("-" if doc["cold_start_rate"] is None else f"{doc['cold_start_rate']:.2%}"),
         f"{'worker recycles':<22}{_num(doc['worker_recycles'])}",

@@ -32,22 +32,14 @@ for host in $HOST_TIERS; do
     echo "== policy $policy, host-memory-budget $host"
     timeout 90 python3 -m modelpool.loadtests run --url 127.0.0.1:18001 --protocol grpc --metrics-url 127.0.0.1:18002 \
       --duration "$DURATION" --rate 200 --zipf 1.1 --quiet --out "$OUT/load-$run" 2>&1 | head -18
-    # Loads by source and their mean time, from the gateway's counters.
+    # Loads by source and their p50/p99 times, from the gateway's counters (the
+    # soak's own report of them).
     python3 - <<'EOF' | tee "$OUT/load-$run/loads_by_source.txt"
 import urllib.request
-from prometheus_client.parser import text_string_to_metric_families
+from modelpool.loadtests.soak import format_loads_by_source, loads_by_source, parse_server_metrics
 text = urllib.request.urlopen("http://127.0.0.1:18002/metrics", timeout=10).read().decode()
-n, s = {}, {}
-for family in text_string_to_metric_families(text):
-    for x in family.samples:
-        src = x.labels.get("source")
-        if x.name == "modelpool_model_loads_total" and x.labels.get("outcome") == "success":
-            n[src] = n.get(src, 0) + x.value
-        elif x.name == "modelpool_model_load_duration_seconds_sum":
-            s[src] = s.get(src, 0) + x.value
-print("loads by source: " + (", ".join(
-    f"{k} {v:.0f} (mean {1e3 * s.get(k, 0) / v:.0f} ms)" for k, v in sorted(n.items()) if v
-) or "none"))
+rows = loads_by_source(parse_server_metrics(text), parse_server_metrics(""))
+print("loads by source: " + format_loads_by_source(rows))
 EOF
     kill -INT $pid; wait $pid
   done
