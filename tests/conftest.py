@@ -109,11 +109,12 @@ def start_serve(
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator:
-    """Factory: ``serve(repo, *args)`` starts ``modelpool serve``; all stop at teardown."""
+    """Factory: ``serve(repo, *args, env=None)`` starts ``modelpool serve``; all stop at
+    teardown."""
     started: list[Served] = []
 
-    def start(repo: Path, *args: str) -> Served:
-        s = start_serve(repo, tmp_path / f"serve-{len(started)}.log", *args)
+    def start(repo: Path, *args: str, env: Mapping[str, str] | None = None) -> Served:
+        s = start_serve(repo, tmp_path / f"serve-{len(started)}.log", *args, env=env)
         started.append(s)
         return s
 

@@ -16,6 +16,7 @@ import tritonclient.grpc.aio as tgrpc_aio
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
+from modelpool.gpu.worker import FAKE_LOAD_DELAY_ENV
 from tests.modelgen import write_sized, write_slow
 
 MB = 1_000_000
@@ -41,7 +42,9 @@ async def test_twenty_concurrent_requests_to_a_cold_model_load_it_once(
     tmp_path: Path, serve
 ) -> None:
     write_sized(tmp_path, "cold", 4 * MB)
-    server = serve(tmp_path, "--device-memory-budget", "64MB")
+    # The load held 1 s: all twenty arrive while it runs, however busy the machine
+    # (on a loaded CI machine two once came after it and were warm).
+    server = serve(tmp_path, "--device-memory-budget", "64MB", env={FAKE_LOAD_DELAY_ENV: "1.0"})
     client = tgrpc_aio.InferenceServerClient(server.grpc_url)
     try:
 

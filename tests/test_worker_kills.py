@@ -97,9 +97,13 @@ async def _drive(served: Served, duration_s: float, rate: float, kill_every_s: f
 
 
 def test_requests_around_worker_kills_are_answered(served: Served) -> None:
-    got = asyncio.run(_drive(served, duration_s=20.0, rate=40.0, kill_every_s=2.0))
+    # Short: each kill restarts a worker (a torch import), and the other test process
+    # shares the two cores. At 20 s it caught the old hang in each of two runs; at 12 s
+    # it may miss it, and the deterministic guard is tests/test_cold_pipeline.py's
+    # test_a_call_whose_channel_closes_under_it_is_a_lost_worker.
+    got = asyncio.run(_drive(served, duration_s=12.0, rate=40.0, kill_every_s=2.0))
     outcomes = got["outcomes"]
-    assert got["kills"] >= 6, got
+    assert got["kills"] >= 4, got
     assert got["hung"] == [], got
     # Served, or refused as capacity (no worker up for a moment) with Retry-After;
     # nothing else.
